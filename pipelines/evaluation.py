@@ -1,0 +1,159 @@
+"""Best-of-N inference and the evaluation metrics of an iteration.
+
+`rerank_metrics` compares three ways of picking one program out of N samples:
+at random (pass@1), the reward model's top choice (reranked pass@1), and an
+oracle that knows the verdicts (pass@N). Reranking is worth it when it closes
+the gap from the first to the last.
+"""
+
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+import numpy as np
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from models import Candidate, Execution, Iteration, Problem, Score
+from models.enums import Origin, Verdict
+
+if TYPE_CHECKING:  # annotations only: generation imports torch and transformers
+    from pipelines.generation import PromptSpec, Sample
+
+PASS_AT_K = (1, 5, 10)
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Chance that at least one of k samples, drawn without replacement from n of
+    which c pass, passes: 1 - C(n-c, k) / C(n, k) (Chen et al. 2021).
+
+    Computed as a product of ratios, as in the paper, so large n neither
+    overflows nor loses precision the way the binomials would.
+    """
+    if not 0 <= c <= n or not 1 <= k <= n:
+        raise ValueError(f"pass@k needs 0 <= c <= n and 1 <= k <= n, got n={n}, c={c}, k={k}")
+    if n - c < k:  # every draw of k contains a passing sample
+        return 1.0
+    return 1.0 - float(np.prod(1.0 - k / np.arange(n - c + 1, n + 1)))
+
+
+def _reranked_pass(group: Sequence[tuple[float, bool]]) -> float:
+    """Whether the top-scored sample passes; ties at the top count as a random pick among them."""
+    top = max(score for score, _ in group)
+    tied = [passed for score, passed in group if score == top]
+    return sum(tied) / len(tied)
+
+
+def rerank_metrics(groups: Sequence[Sequence[tuple[float, bool]]]) -> dict[str, float | int]:
+    """Means over problems; each group is one problem's `(score, passed)` samples.
+
+    `pass@k` is reported for the k in 1, 5, 10 that every group has samples for.
+    """
+    if not groups or any(not group for group in groups):
+        raise ValueError("rerank_metrics needs at least one problem, each with at least one sample")
+    counts = [(len(group), sum(passed for _, passed in group)) for group in groups]
+    metrics: dict[str, float | int] = {
+        "problems": len(groups),
+        "samples": sum(n for n, _ in counts),
+        "random_pass1": float(np.mean([c / n for n, c in counts])),
+        "reranked_pass1": float(np.mean([_reranked_pass(group) for group in groups])),
+        "oracle_pass_n": float(np.mean([c > 0 for _, c in counts])),
+    }
+    smallest_n = min(n for n, _ in counts)
+    for k in PASS_AT_K:
+        if k <= smallest_n:
+            metrics[f"pass@{k}"] = float(np.mean([pass_at_k(n, c, k) for n, c in counts]))
+    return metrics
+
+
+class Generator(Protocol):
+    def generate(self, prompts: Sequence["PromptSpec"], n: int) -> list[list["Sample"]]: ...
+
+
+class Scorer(Protocol):
+    def score(self, prompts: Sequence[str], codes: Sequence[str]) -> list[float]: ...
+
+
+@dataclass
+class Solution:
+    """The sample `solve` returns, with everything it chose among."""
+
+    best: "Sample"
+    score: float
+    samples: list["Sample"]
+    scores: list[float]
+    # Per sample, whether it passed the example tests; None when none were given.
+    passed_examples: list[bool] | None = None
+
+
+def solve(
+    prompt: "PromptSpec",
+    n: int,
+    generator: Generator,
+    scorer: Scorer,
+    *,
+    tests: str | None = None,
+) -> Solution:
+    """Best-of-N: sample `n` programs, return the one the reward model scores highest.
+
+    With `tests` (the prompt's example tests), samples that fail them are
+    passed over, unless all fail: then the reward model alone decides.
+    """
+    samples = generator.generate([prompt], n)[0]
+    if not samples:
+        raise ValueError(f"the generator returned no samples for problem {prompt.problem_id}")
+    scores = scorer.score([prompt.prompt] * len(samples), [sample.code for sample in samples])
+    passed = _passes_examples(prompt.language, samples, tests) if tests else None
+    eligible = [i for i in range(len(samples)) if passed is None or passed[i]]
+    best = max(eligible or range(len(samples)), key=scores.__getitem__)
+    return Solution(samples[best], scores[best], samples, scores, passed)
+
+
+def _passes_examples(language: str, samples: Sequence["Sample"], tests: str) -> list[bool]:
+    from pipelines.sandbox import Job, run_batch
+
+    results = run_batch(
+        [Job(language=language, code=sample.code, tests=tests) for sample in samples]
+    )
+    return [result.verdict == Verdict.OK for result in results]
+
+
+def evaluate_iteration(session: Session, iteration_id: int) -> dict[str, dict]:
+    """`rerank_metrics` per language over the iteration's sampled candidates.
+
+    Only generator and mutation samples count (not references or /solve
+    requests), and only those with a verdict other than SANDBOX_ERROR.
+    Reranking uses the iteration's reward-model version's stored scores; an
+    unscored sample ranks last, and with no reward model `reranked_pass1` is None.
+    """
+    iteration = session.get(Iteration, iteration_id)
+    if iteration is None:
+        raise ValueError(f"no iteration with id {iteration_id}")
+    reward_version_id = iteration.reward_model_version_id
+    rows = session.execute(
+        select(Problem.language, Candidate.problem_id, Execution.verdict, Score.score)
+        .join(Execution, Execution.candidate_id == Candidate.id)
+        .join(Problem, Problem.id == Candidate.problem_id)
+        .outerjoin(
+            Score,
+            (Score.candidate_id == Candidate.id)
+            & (Score.reward_model_version_id == reward_version_id),
+        )
+        .where(
+            Candidate.iteration_id == iteration_id,
+            Candidate.origin.in_([Origin.GENERATOR, Origin.MUTATION]),
+            Execution.verdict != Verdict.SANDBOX_ERROR,
+        )
+    )
+    groups: dict[str, dict[int, list[tuple[float, bool]]]] = defaultdict(lambda: defaultdict(list))
+    for language, problem_id, verdict, score in rows:
+        ranked = float("-inf") if score is None else score
+        groups[language.value][problem_id].append((ranked, verdict == Verdict.OK))
+    report = {}
+    for language, by_problem in sorted(groups.items()):
+        metrics: dict = rerank_metrics(list(by_problem.values()))
+        if reward_version_id is None:
+            metrics["reranked_pass1"] = None
+        report[language] = metrics
+    return report

@@ -1,0 +1,137 @@
+import math
+from fractions import Fraction
+
+import pytest
+
+from models import Iteration, Score
+from models.enums import Language, Origin, Verdict
+from pipelines.evaluation import evaluate_iteration, pass_at_k, rerank_metrics
+from tests.factories import make_candidate, make_model_version, make_problem
+
+
+@pytest.mark.parametrize(
+    ("n", "c", "k", "expected"),
+    [
+        (5, 2, 2, 1 - 3 / 10),  # 1 - C(3,2)/C(5,2)
+        (10, 3, 5, 1 - 21 / 252),  # 1 - C(7,5)/C(10,5)
+        (10, 1, 1, 0.1),  # pass@1 is the pass rate
+        (200, 1, 100, 0.5),  # 1 - C(199,100)/C(200,100) = 1 - 100/200
+        (4, 0, 1, 0.0),
+        (4, 4, 3, 1.0),
+        (8, 6, 3, 1.0),  # fewer than k failures: every draw has a pass
+    ],
+)
+def test_pass_at_k_matches_hand_computed_values(n, c, k, expected):
+    assert pass_at_k(n, c, k) == pytest.approx(expected, abs=1e-12)
+
+
+def test_pass_at_k_is_stable_for_large_n():
+    n, c, k = 10_000, 3, 10
+    exact = 1 - Fraction(math.comb(n - c, k), math.comb(n, k))
+    assert pass_at_k(n, c, k) == pytest.approx(float(exact), rel=1e-9)
+
+
+@pytest.mark.parametrize(("n", "c", "k"), [(5, 6, 1), (5, 1, 0), (5, 1, 6), (0, 0, 1)])
+def test_pass_at_k_rejects_impossible_counts(n, c, k):
+    with pytest.raises(ValueError, match="pass@k"):
+        pass_at_k(n, c, k)
+
+
+def test_rerank_metrics_by_hand():
+    groups = [
+        # n=5, c=2, the top score passes
+        [(0.9, True), (0.1, False), (0.5, False), (0.2, False), (0.3, True)],
+        # n=5, c=1, the top score fails
+        [(0.8, False), (0.7, True), (0.1, False), (0.0, False), (0.2, False)],
+        # a tie at the top between a pass and a fail counts one half
+        [(1.0, True), (1.0, False), (0.0, False), (0.0, False), (0.0, False)],
+        # nothing passes
+        [(0.3, False)] * 5,
+    ]
+    metrics = rerank_metrics(groups)
+    assert metrics["problems"] == 4
+    assert metrics["samples"] == 20
+    assert metrics["random_pass1"] == pytest.approx((0.4 + 0.2 + 0.2 + 0.0) / 4)
+    assert metrics["reranked_pass1"] == pytest.approx((1 + 0 + 0.5 + 0) / 4)
+    assert metrics["oracle_pass_n"] == pytest.approx(3 / 4)
+    assert metrics["pass@1"] == pytest.approx(metrics["random_pass1"])
+    assert metrics["pass@5"] == pytest.approx(metrics["oracle_pass_n"])  # k = n
+    assert "pass@10" not in metrics  # no group has 10 samples
+
+
+@pytest.mark.parametrize("groups", [[], [[(0.1, True)], []]])
+def test_rerank_metrics_rejects_empty_input(groups):
+    with pytest.raises(ValueError, match="at least one"):
+        rerank_metrics(groups)
+
+
+def _sample(session, problem, iteration_id, verdict, score, reward, origin=Origin.GENERATOR):
+    candidate = make_candidate(
+        session, problem=problem, verdict=verdict, iteration_id=iteration_id, origin=origin
+    )
+    if score is not None:
+        session.add(
+            Score(candidate_id=candidate.id, reward_model_version_id=reward.id, score=score)
+        )
+    return candidate
+
+
+def test_evaluate_iteration_per_language(session):
+    reward = make_model_version(session)
+    other_reward = make_model_version(session, name="rm-other")
+    iteration = Iteration(number=1, reward_model_version_id=reward.id)
+    earlier = Iteration(number=0)
+    session.add_all([iteration, earlier])
+    session.flush()
+    ok, wrong = Verdict.OK, Verdict.WRONG_ANSWER
+    py_a, py_b = make_problem(session), make_problem(session)
+    cpp = make_problem(session, language=Language.CPP, prompt="int add(int a, int b) {\n")
+
+    # Python A: 1 of 2 passes and the reward model prefers it.
+    _sample(session, py_a, iteration.id, ok, 2.0, reward)
+    _sample(session, py_a, iteration.id, wrong, 1.0, reward)
+    # Not counted: a sandbox error, a reference, another iteration's sample.
+    _sample(session, py_a, iteration.id, Verdict.SANDBOX_ERROR, 9.0, reward)
+    _sample(session, py_a, iteration.id, ok, 9.0, reward, origin=Origin.REFERENCE)
+    _sample(session, py_a, earlier.id, wrong, 9.0, reward)
+    # Python B: 1 of 2 passes, the failing one scores higher; the passing one
+    # has a score only under another model version, so it ranks last.
+    _sample(session, py_b, iteration.id, wrong, -5.0, reward)
+    unscored = _sample(session, py_b, iteration.id, ok, None, reward)
+    session.add(Score(candidate_id=unscored.id, reward_model_version_id=other_reward.id, score=99))
+    # C++: nothing passes.
+    _sample(session, cpp, iteration.id, Verdict.COMPILE_ERROR, 0.0, reward)
+    session.flush()
+
+    report = evaluate_iteration(session, iteration.id)
+
+    assert set(report) == {"python", "cpp"}
+    python = report["python"]
+    assert (python["problems"], python["samples"]) == (2, 4)
+    assert python["random_pass1"] == pytest.approx(0.5)
+    assert python["reranked_pass1"] == pytest.approx(0.5)  # right on A, wrong on B
+    assert python["oracle_pass_n"] == pytest.approx(1.0)
+    assert python["pass@1"] == pytest.approx(0.5)
+    assert "pass@5" not in python
+    assert report["cpp"]["oracle_pass_n"] == 0.0
+
+
+def test_evaluate_iteration_without_reward_model(session):
+    iteration = Iteration(number=2)
+    session.add(iteration)
+    session.flush()
+    problem = make_problem(session)
+    make_candidate(session, problem=problem, verdict=Verdict.OK, iteration_id=iteration.id)
+    make_candidate(
+        session, problem=problem, verdict=Verdict.RUNTIME_ERROR, iteration_id=iteration.id
+    )
+
+    report = evaluate_iteration(session, iteration.id)
+
+    assert report["python"]["reranked_pass1"] is None
+    assert report["python"]["random_pass1"] == pytest.approx(0.5)
+
+
+def test_evaluate_unknown_iteration(session):
+    with pytest.raises(ValueError, match="no iteration with id 424242"):
+        evaluate_iteration(session, 424242)
