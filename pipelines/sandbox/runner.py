@@ -1,0 +1,609 @@
+"""Run candidates in the sandbox and turn what happened into a verdict.
+
+Each worker slot owns a cgroup (made once), a host folder for sources and, for
+Python, a warm zygote interpreter inside bwrap that forks per candidate.  Other
+languages start one fresh bwrap per compile and per run.  Compiled artefacts
+are cached by a hash of the compile command and the program text.
+"""
+
+import atexit
+import contextlib
+import hashlib
+import json
+import math
+import os
+import queue
+import secrets
+import select
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from models.enums import Language, Verdict
+from pipelines.sandbox import isolation
+from pipelines.sandbox.cgroup import SlotCgroup, remove_stale_groups
+from pipelines.sandbox.isolation import Host, Launch
+from pipelines.sandbox.job import ExecutionResult, Job, Limits
+from pipelines.sandbox.languages import (
+    BUILD,
+    JOB,
+    SRC,
+    TYPESCRIPT_DIR,
+    Recipe,
+    io_mode_recipe,
+    program_text,
+    recipe_for,
+)
+
+RUNTIME_DIR = Path(
+    os.environ.get("RR_SANDBOX_DIR") or Path(tempfile.gettempdir()) / "rewardranker-sandbox"
+)
+CACHE_DIR = RUNTIME_DIR / "cache"
+ZYGOTE_SCRIPT = Path(__file__).with_name("zygote.py")
+REPO_ROOT = Path(__file__).resolve().parents[2]
+TAIL_CHARS = 4000
+COMPILE_TIMEOUT_S = 60.0
+COMPILE_MEMORY_MB = 2048
+ZYGOTE_COMPILE_ERROR = 97  # zygote.COMPILE_ERROR_STATUS; zygote.py is not importable here
+SIGXCPU = int(signal.SIGXCPU)
+# The zygote, bwrap's init and its own bookkeeping live in the slot's cgroup too.
+ZYGOTE_MEMORY_MB = 48
+
+
+DEFAULT_LIMITS = Limits()
+
+
+class SandboxUnavailable(RuntimeError):
+    """No working isolation on this host and RR_SANDBOX_INSECURE is not set."""
+
+
+@dataclass
+class RawRun:
+    """What one process tree did, before it is judged."""
+
+    exit_code: int | None = None
+    signal: int | None = None
+    timed_out: bool = False
+    output_exceeded: bool = False
+    oom: bool = False
+    lost: bool = False  # the sandbox itself died or failed to start
+    stdout: bytes = b""
+    stderr: bytes = b""
+    duration_ms: float = 0.0
+    peak_memory_kb: int | None = None
+    reply: dict | None = None  # the zygote's report, for Python runs
+
+
+def run_one(
+    language: str,
+    code: str,
+    tests: str,
+    *,
+    io_cases: list[dict] | None = None,
+    limits: Limits = DEFAULT_LIMITS,
+) -> ExecutionResult:
+    """Run one candidate: test mode, or stdin/stdout mode when `io_cases` is given."""
+    recipe = recipe_for(language)
+    host = _usable_host()
+    slot = _POOL.acquire(host)
+    try:
+        return _judge(slot, recipe, code, tests, io_cases, limits)
+    finally:
+        _POOL.release(slot)
+
+
+def run_batch(jobs: Sequence[Job], *, workers: int | None = None) -> list[ExecutionResult]:
+    """Run many candidates concurrently (one per core by default), results in job order."""
+    for job in jobs:
+        recipe_for(job.language)  # unknown languages fail before anything runs
+    if not jobs:
+        return []
+    workers = workers or os.cpu_count() or 1
+
+    def one(job: Job) -> ExecutionResult:
+        return run_one(job.language, job.code, job.tests, io_cases=job.io_cases, limits=job.limits)
+
+    with ThreadPoolExecutor(max_workers=min(workers, len(jobs))) as pool:
+        return list(pool.map(one, jobs))
+
+
+def _usable_host() -> Host:
+    host = isolation.probe_host()
+    if not host.isolated and not isolation.insecure_allowed():
+        raise SandboxUnavailable(
+            f"no working sandbox on this host ({host.bwrap_error}); refusing to run untrusted "
+            "code. Fix it (see `rewardranker sandbox doctor`) or set RR_SANDBOX_INSECURE=1."
+        )
+    return host
+
+
+# 1. the slots
+
+
+class Slot:
+    """One worker's cgroup, host folders and (for Python) warm zygote."""
+
+    def __init__(self, index: int, host: Host) -> None:
+        self.host = host
+        name = f"{os.getpid()}-{index}"
+        self.folder = RUNTIME_DIR / "slots" / name
+        self.src = self.folder / "src"
+        self.job = self.folder / "job"  # the working folder when running without bwrap
+        shutil.rmtree(self.folder, ignore_errors=True)
+        self.src.mkdir(parents=True, mode=0o755)
+        self.job.mkdir(mode=0o700)
+        os.chown(self.job, host.uid, host.gid)
+        self.cgroup = SlotCgroup(name, host.cgroup_version) if host.cgroup_version else None
+        self.zygote: subprocess.Popen | None = None
+        self.control: socket.socket | None = None
+
+    @property
+    def procs_files(self) -> list[Path]:
+        return self.cgroup.procs_files if self.cgroup else []
+
+    def limit(self, memory_mb: int, max_pids: int) -> None:
+        if self.cgroup:
+            self.cgroup.configure(memory_mb * 1024 * 1024, max_pids)
+
+    def oom_kills(self) -> int:
+        return self.cgroup.oom_kills() if self.cgroup else 0
+
+    def peak_memory_kb(self) -> int | None:
+        return self.cgroup.peak_memory_kb() if self.cgroup else None
+
+    def sweep(self, keep: int | None = None) -> None:
+        if self.cgroup:
+            self.cgroup.sweep(keep)
+
+    def reset_job_folder(self) -> None:
+        if not self.host.isolated:
+            shutil.rmtree(self.job, ignore_errors=True)
+            self.job.mkdir(mode=0o700)
+            os.chown(self.job, self.host.uid, self.host.gid)
+
+    def start_zygote(self) -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        if self.host.isolated:
+            argv = ["/usr/bin/python3", "-I", "-B", "/rr/zygote.py", str(theirs.fileno())]
+            argv += [SRC, JOB, JOB, "/tmp"]
+        else:
+            argv = ["/usr/bin/python3", "-I", "-B", str(ZYGOTE_SCRIPT), str(theirs.fileno())]
+            argv += [str(self.src), str(self.job), str(self.job)]
+        launch = Launch(
+            argv, ro_binds=[(str(self.src), SRC), (str(ZYGOTE_SCRIPT), "/rr/zygote.py")]
+        )
+        with open(self.folder / "zygote.log", "ab") as log:
+            self.zygote = isolation.start(
+                self.host,
+                launch,
+                cgroup_procs=self.procs_files,
+                sandbox_paths=self.host.isolated,
+                stdout=subprocess.DEVNULL,
+                stderr=log.fileno(),
+                pass_fds=(theirs.fileno(),),
+                cwd=None if self.host.isolated else str(self.job),
+            )
+        theirs.close()
+        self.control = ours
+
+    def stop_zygote(self) -> None:
+        if self.zygote is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.zygote.pid, signal.SIGKILL)
+            self.zygote.wait()
+            self.zygote = None
+        if self.control is not None:
+            self.control.close()
+            self.control = None
+        self.sweep()
+
+    def close(self) -> None:
+        self.stop_zygote()
+        if self.cgroup:
+            self.cgroup.remove()
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+class _SlotPool:
+    """Slots are made on demand, one per concurrent run, and reused LIFO to stay warm."""
+
+    def __init__(self) -> None:
+        self._free: queue.LifoQueue[Slot] = queue.LifoQueue()
+        self._all: list[Slot] = []
+        self._lock = threading.Lock()
+
+    def acquire(self, host: Host) -> Slot:
+        try:
+            return self._free.get_nowait()
+        except queue.Empty:
+            pass
+        with self._lock:
+            if not self._all:
+                remove_stale_groups()
+                CACHE_DIR.mkdir(parents=True, exist_ok=True)
+                (RUNTIME_DIR / "slots").mkdir(exist_ok=True)
+                for folder in (RUNTIME_DIR, RUNTIME_DIR / "slots", CACHE_DIR):
+                    folder.chmod(0o755)
+            slot = Slot(len(self._all), host)
+            self._all.append(slot)
+            return slot
+
+    def release(self, slot: Slot) -> None:
+        self._free.put(slot)
+
+    def close(self) -> None:
+        with self._lock:
+            for slot in self._all:
+                slot.close()
+            self._all.clear()
+            self._free = queue.LifoQueue()
+
+
+_POOL = _SlotPool()
+atexit.register(_POOL.close)
+
+
+# 2. judging a candidate
+
+
+def _judge(
+    slot: Slot,
+    recipe: Recipe,
+    code: str,
+    tests: str,
+    io_cases: list[dict] | None,
+    limits: Limits,
+) -> ExecutionResult:
+    io_mode = io_cases is not None
+    program = program_text(recipe, code, tests, with_harness=not io_mode)
+    if io_mode:
+        recipe = io_mode_recipe(recipe, program)
+    build: Path | None = None
+    if recipe.compile is not None:
+        build, compile_run = _compiled(slot, recipe, program)
+        if build is None:
+            verdict = Verdict.SANDBOX_ERROR if compile_run.lost else Verdict.COMPILE_ERROR
+            return _result(verdict, 0, len(io_cases) if io_mode else 1, compile_run, [])
+    else:
+        (slot.src / recipe.source_name).write_text(program)
+    if not io_mode:
+        token = secrets.token_hex(16)
+        run = _execute(slot, recipe, build, None, token, limits)
+        verdict = _test_verdict(recipe, run, token)
+        return _result(verdict, int(verdict == Verdict.OK), 1, run, [run])
+    return _judge_io(slot, recipe, build, io_cases or [], limits)
+
+
+def _judge_io(
+    slot: Slot, recipe: Recipe, build: Path | None, cases: list[dict], limits: Limits
+) -> ExecutionResult:
+    runs: list[RawRun] = []
+    first_failure: Verdict | None = None
+    passed = 0
+    for case in cases:
+        (slot.src / "stdin.txt").write_text(case["input"])
+        # Room for the expected answer even when it is bigger than the usual cap.
+        case_limits = replace(
+            limits, output_bytes=max(limits.output_bytes, 2 * len(case["output"]) + 1024)
+        )
+        run = _execute(slot, recipe, build, slot.src / "stdin.txt", "", case_limits)
+        runs.append(run)
+        verdict = _io_verdict(recipe, run, case["output"])
+        if verdict == Verdict.OK:
+            passed += 1
+        elif first_failure is None:
+            first_failure = verdict
+        if verdict in (Verdict.TIME_LIMIT, Verdict.SANDBOX_ERROR):
+            break  # the remaining cases would each cost a full timeout
+    final = first_failure or Verdict.OK
+    return _result(final, passed, len(cases), None, runs)
+
+
+def _result(
+    verdict: Verdict, passed: int, total: int, single: RawRun | None, runs: list[RawRun]
+) -> ExecutionResult:
+    shown = single or (runs[-1] if runs else RawRun())
+    peaks = [r.peak_memory_kb for r in runs if r.peak_memory_kb is not None]
+    return ExecutionResult(
+        verdict=verdict,
+        passed=passed,
+        total=total,
+        duration_ms=round(sum(r.duration_ms for r in runs), 3),
+        peak_memory_kb=max(peaks) if peaks else None,
+        stdout_tail=_tail(shown.stdout),
+        stderr_tail=_tail(shown.stderr),
+    )
+
+
+def _tail(data: bytes) -> str:
+    return data[-4 * TAIL_CHARS :].decode(errors="replace")[-TAIL_CHARS:]
+
+
+def _limit_verdict(run: RawRun) -> Verdict | None:
+    """Verdicts that do not depend on what the program printed."""
+    if run.output_exceeded:
+        return Verdict.OUTPUT_LIMIT
+    if run.oom or b"java.lang.OutOfMemoryError" in run.stderr:
+        return Verdict.MEMORY_LIMIT
+    if run.timed_out or run.signal == SIGXCPU:
+        return Verdict.TIME_LIMIT
+    if run.lost:
+        return Verdict.SANDBOX_ERROR
+    return None
+
+
+def _test_verdict(recipe: Recipe, run: RawRun, token: str) -> Verdict:
+    if limit := _limit_verdict(run):
+        return limit
+    if run.exit_code == 0:
+        lines = run.stdout.decode(errors="replace").split()
+        # OK needs the token the harness prints after the last test, as the final output.
+        return Verdict.OK if lines and lines[-1] == token else Verdict.WRONG_ANSWER
+    if recipe.language == Language.PYTHON and run.exit_code == ZYGOTE_COMPILE_ERROR:
+        return Verdict.COMPILE_ERROR
+    if recipe.language == Language.PHP and b"PHP Parse error" in run.stderr:
+        return Verdict.COMPILE_ERROR
+    output = run.stderr + run.stdout
+    if any(marker.encode() in output for marker in recipe.assertion_markers):
+        return Verdict.WRONG_ANSWER
+    if run.signal is None and run.exit_code == recipe.assertion_exit_status:
+        return Verdict.WRONG_ANSWER
+    return Verdict.RUNTIME_ERROR
+
+
+def _io_verdict(recipe: Recipe, run: RawRun, expected: str) -> Verdict:
+    if limit := _limit_verdict(run):
+        return limit
+    if run.exit_code != 0:
+        if recipe.language == Language.PYTHON and run.exit_code == ZYGOTE_COMPILE_ERROR:
+            return Verdict.COMPILE_ERROR
+        return Verdict.RUNTIME_ERROR
+    # Whitespace-tolerant: the same tokens in the same order.
+    same = run.stdout.decode(errors="replace").split() == expected.split()
+    return Verdict.OK if same else Verdict.WRONG_ANSWER
+
+
+# 3. compiling, cached by content
+
+
+def _compiled(slot: Slot, recipe: Recipe, program: str) -> tuple[Path | None, RawRun]:
+    """The folder of compiled artefacts, or None and the failed compile run."""
+    assert recipe.compile is not None
+    key = hashlib.sha256("\0".join([*recipe.compile, program]).encode()).hexdigest()
+    final = CACHE_DIR / key
+    if (final / "ok").exists():
+        return final, RawRun()
+    if (final / "error.txt").exists():
+        return None, RawRun(exit_code=1, stderr=(final / "error.txt").read_bytes())
+    (slot.src / recipe.source_name).write_text(program)
+    staging = Path(tempfile.mkdtemp(dir=CACHE_DIR, prefix=".build-"))
+    os.chown(staging, slot.host.uid, slot.host.gid)
+    staging.chmod(0o755)
+    ro_binds = [(str(slot.src), SRC)]
+    if recipe.language == Language.TYPESCRIPT:
+        ro_binds.append((str(_typescript_dir()), TYPESCRIPT_DIR))
+    launch = Launch(list(recipe.compile), ro_binds=ro_binds, rw_binds=[(str(staging), BUILD)])
+    limits = Limits(COMPILE_TIMEOUT_S, COMPILE_MEMORY_MB, 64 * 1024)
+    run = _run_cold(slot, launch, recipe, limits, None, {BUILD: staging})
+    if run.exit_code == 0:
+        (staging / "ok").touch()
+    elif not (run.timed_out or run.oom or run.lost or run.output_exceeded):
+        (staging / "error.txt").write_bytes(run.stdout + run.stderr)
+    else:
+        shutil.rmtree(staging)  # a compile that ran out of resources may succeed next time
+        return None, run
+    try:
+        staging.rename(final)
+    except OSError:  # another worker cached the same program first
+        shutil.rmtree(staging)
+    return (final if run.exit_code == 0 else None), run
+
+
+def _typescript_dir() -> Path:
+    candidates = [REPO_ROOT / "node_modules" / "typescript"]
+    candidates += [
+        Path("/usr/lib/node_modules/typescript"),
+        Path("/usr/local/lib/node_modules/typescript"),
+    ]
+    for folder in candidates:
+        if (folder / "bin" / "tsc").exists():
+            return folder
+    raise FileNotFoundError("the TypeScript compiler is missing: run `npm ci` in the repository")
+
+
+# 4. running
+
+
+def _execute(
+    slot: Slot,
+    recipe: Recipe,
+    build: Path | None,
+    stdin_path: Path | None,
+    token: str,
+    limits: Limits,
+) -> RawRun:
+    if recipe.language == Language.PYTHON:
+        return _run_in_zygote(slot, stdin_path, token, limits)
+    argv = list(recipe.run)
+    if recipe.language == Language.JAVA:
+        # The JVM sizes its heap from host RAM, not the cgroup it cannot see.
+        argv.insert(1, f"-Xmx{max(32, limits.memory_mb * 3 // 4)}m")
+    if token:
+        argv.append(token)
+    ro_binds = [(str(slot.src), SRC)]
+    if build is not None:
+        ro_binds.append((str(build), BUILD))
+    launch = Launch(argv, ro_binds=ro_binds, cpu_s=math.ceil(limits.timeout_s) + 1)
+    paths = {BUILD: build} if build is not None else {}
+    return _run_cold(slot, launch, recipe, limits, stdin_path, paths)
+
+
+def _run_cold(
+    slot: Slot,
+    launch: Launch,
+    recipe: Recipe,
+    limits: Limits,
+    stdin_path: Path | None,
+    paths: dict[str, Path],
+) -> RawRun:
+    """One fresh sandbox for one command."""
+    host = slot.host
+    if not host.isolated:
+        launch = _on_host_paths(slot, launch, paths)
+        slot.reset_job_folder()
+    slot.limit(limits.memory_mb, recipe.max_pids)
+    oom_before = slot.oom_kills()
+    stdin = open(stdin_path, "rb") if stdin_path else None  # noqa: SIM115
+    started = time.monotonic()
+    try:
+        proc = isolation.start(
+            host,
+            launch,
+            cgroup_procs=slot.procs_files,
+            sandbox_paths=host.isolated,
+            stdin=stdin.fileno() if stdin else subprocess.DEVNULL,
+            cwd=None if host.isolated else str(slot.job),
+        )
+    finally:
+        if stdin:
+            stdin.close()
+    assert proc.stdout is not None and proc.stderr is not None
+    deadline = started + limits.timeout_s
+    run = _pump(proc.stdout.fileno(), proc.stderr.fileno(), None, deadline, limits.output_bytes)
+    if run.timed_out or run.output_exceeded:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    try:
+        status = proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        status = proc.wait()
+        run.timed_out = True
+    proc.stdout.close()
+    proc.stderr.close()
+    run.duration_ms = (time.monotonic() - started) * 1000
+    slot.sweep()
+    run.oom = slot.oom_kills() > oom_before
+    run.peak_memory_kb = slot.peak_memory_kb()
+    # bwrap reports a child killed by signal N as exit status 128 + N.
+    if status < 0:
+        run.signal = -status
+    elif status > 128 and host.isolated:
+        run.signal = status - 128
+    else:
+        run.exit_code = status
+    if status == 125 or (status == 1 and run.stderr.startswith(b"bwrap:")):
+        run.lost = True  # the trampoline could not join the cgroup, or bwrap could not start
+    return run
+
+
+def _on_host_paths(slot: Slot, launch: Launch, paths: dict[str, Path]) -> Launch:
+    """Insecure mode: the same command with the host folders the sandbox would have bound."""
+    mapping = {SRC: str(slot.src), JOB: str(slot.job), **{k: str(v) for k, v in paths.items()}}
+    if any(TYPESCRIPT_DIR in arg for arg in launch.argv):
+        mapping[TYPESCRIPT_DIR] = str(_typescript_dir())
+    argv = []
+    for arg in launch.argv:
+        for prefix, folder in mapping.items():
+            arg = arg.replace(prefix + "/", folder + "/") if arg != prefix else folder
+        argv.append(arg)
+    return replace(launch, argv=argv)
+
+
+def _run_in_zygote(slot: Slot, stdin_path: Path | None, token: str, limits: Limits) -> RawRun:
+    """Fork the slot's warm interpreter for one run; restart it if it is gone."""
+    slot.limit(limits.memory_mb + ZYGOTE_MEMORY_MB, recipe_for(Language.PYTHON).max_pids)
+    stdin_fd = os.open(stdin_path or os.devnull, os.O_RDONLY)
+    out_read, out_write = os.pipe()
+    err_read, err_write = os.pipe()
+    request = json.dumps({"token": token, "cpu_s": math.ceil(limits.timeout_s) + 1}).encode()
+    try:
+        for _attempt in range(2):
+            if slot.zygote is None or slot.zygote.poll() is not None:
+                slot.stop_zygote()
+                slot.start_zygote()
+            assert slot.control is not None
+            try:
+                socket.send_fds(slot.control, [request], [stdin_fd, out_write, err_write])
+                break
+            except OSError:
+                slot.stop_zygote()
+        else:
+            return RawRun(lost=True, stderr=b"the sandboxed interpreter did not start")
+    finally:
+        for fd in (stdin_fd, out_write, err_write):
+            os.close(fd)
+    oom_before = slot.oom_kills()
+    started = time.monotonic()
+    run = _pump(out_read, err_read, slot.control, started + limits.timeout_s, limits.output_bytes)
+    run.duration_ms = (time.monotonic() - started) * 1000
+    os.close(out_read)
+    os.close(err_read)
+    run.oom = slot.oom_kills() > oom_before
+    run.peak_memory_kb = slot.peak_memory_kb()
+    reply = run.reply
+    if reply is None or not reply["clean"] or run.timed_out or run.output_exceeded:
+        # Anything but a clean, finished run leaves the zygote suspect: start afresh.
+        slot.stop_zygote()
+    if reply is None:
+        run.lost = not (run.timed_out or run.output_exceeded or run.oom)
+        if run.lost:
+            run.signal = int(signal.SIGKILL)
+        return run
+    status = reply["status"]
+    if os.WIFSIGNALED(status):
+        run.signal = os.WTERMSIG(status)
+        run.lost = False
+    else:
+        run.exit_code = os.WEXITSTATUS(status)
+    return run
+
+
+def _pump(
+    out_fd: int, err_fd: int, control: socket.socket | None, deadline: float, cap: int
+) -> RawRun:
+    """Read both streams (and the zygote's reply) until all end, the deadline, or the cap."""
+    run = RawRun()
+    buffers = {out_fd: bytearray(), err_fd: bytearray()}
+    poller = select.poll()
+    for fd in buffers:
+        poller.register(fd, select.POLLIN)
+    open_fds = set(buffers)
+    waiting_reply = control is not None
+    if control is not None:
+        poller.register(control.fileno(), select.POLLIN)
+    while open_fds or waiting_reply:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            run.timed_out = True
+            break
+        for fd, _event in poller.poll(remaining * 1000):
+            if control is not None and fd == control.fileno():
+                message = control.recv(4096)
+                run.reply = json.loads(message) if message else None
+                waiting_reply = False
+                poller.unregister(fd)
+                continue
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                open_fds.discard(fd)
+                poller.unregister(fd)
+                continue
+            buffers[fd] += chunk
+            if len(buffers[fd]) > cap:
+                run.output_exceeded = True
+                del buffers[fd][cap:]
+        if run.output_exceeded:
+            break
+        if control is not None and not waiting_reply and run.reply is None:
+            break  # the zygote died: its pipes may be held open by orphans
+    run.stdout, run.stderr = bytes(buffers[out_fd]), bytes(buffers[err_fd])
+    return run
