@@ -11,6 +11,7 @@ from sqlalchemy import func, select
 from app import migrate
 from app.db import session_scope
 from app.problem_import import humaneval_rows, read_problem_file, upsert_problems
+from app.sandbox_cli import sandbox_app
 from models import Candidate, Execution, HardNegativeLabel, Iteration, ModelVersion, Problem
 
 app = typer.Typer(help="RewardRanker flywheel: generate, execute, rerank, retrain.", no_args_is_help=True)
@@ -20,6 +21,7 @@ store_app = typer.Typer(help="The candidate store.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 app.add_typer(problems_app, name="problems")
 app.add_typer(store_app, name="store")
+app.add_typer(sandbox_app, name="sandbox")
 
 console = Console()
 err_console = Console(stderr=True)

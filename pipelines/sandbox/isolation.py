@@ -106,7 +106,7 @@ def bwrap_argv(host: Host, launch: Launch, seccomp_fd: int | None) -> list[str]:
     """bwrap's command line: fresh namespaces, read-only /usr and /etc, private tmpfs."""
     assert host.bwrap is not None
     argv = [host.bwrap, "--unshare-user", "--unshare-net", "--unshare-pid", "--unshare-ipc"]
-    argv += ["--unshare-uts", "--unshare-cgroup-try", "--hostname", "sandbox"]
+    argv += ["--unshare-uts", "--hostname", "sandbox"]
     if host.disable_userns:
         argv.append("--disable-userns")
     argv += ["--die-with-parent", "--new-session", "--cap-drop", "ALL", "--clearenv"]

@@ -28,6 +28,7 @@ import heapq  # noqa: F401
 import io
 import itertools  # noqa: F401
 import json
+import linecache
 import math  # noqa: F401
 import os
 import re  # noqa: F401
@@ -137,6 +138,13 @@ def _execute(source_path: str, program_path: str) -> int:
         traceback.print_exc(limit=0)
         sys.stderr.flush()
         return COMPILE_ERROR_STATUS
+    # Tracebacks quote source lines through linecache, which cannot find our path.
+    linecache.cache[program_path] = (
+        len(source),
+        None,
+        source.decode(errors="replace").splitlines(keepends=True),
+        program_path,
+    )
     module = types.ModuleType("__main__")
     module.__file__ = program_path
     module.__builtins__ = builtins
@@ -148,7 +156,8 @@ def _execute(source_path: str, program_path: str) -> int:
         status = _exit_status(stop.code)
     except BaseException as error:
         # Drop our own frame so the traceback starts in the program, as it would.
-        sys.excepthook(type(error), error, error.__traceback__.tb_next)
+        error.__traceback__ = error.__traceback__.tb_next
+        sys.excepthook(type(error), error, error.__traceback__)
         status = 1
     return _shut_down(status)
 
