@@ -38,8 +38,7 @@ QUERIES = {
         SELECT iteration_id, count(*) FROM hard_negative_labels
         WHERE reward_model_version_id = :version GROUP BY iteration_id""",
     "verdict_histogram_of_iteration": """
-        SELECT e.verdict, count(*) FROM candidates c JOIN executions e ON e.candidate_id = c.id
-        WHERE c.iteration_id = :iteration GROUP BY e.verdict""",
+        SELECT verdict, count(*) FROM executions WHERE iteration_id = :iteration GROUP BY verdict""",
 }
 
 
@@ -96,8 +95,8 @@ def fill_postgres(engine: Engine, rows: int, problems: int, iterations: int) -> 
                    'generator', (SELECT min(id) FROM iterations) + n % :it, now()
             FROM generate_series(1, :rows) n"""), {"p": problems, "it": iterations, "rows": rows})
         connection.execute(text("""
-            INSERT INTO executions (candidate_id, verdict, passed, total, duration_ms, stdout_tail, stderr_tail, attempts, created_at)
-            SELECT id, (ARRAY['OK','WRONG_ANSWER','RUNTIME_ERROR','TIME_LIMIT'])[1 + id % 4], 0, 3, 1.0, '', '', 1, now()
+            INSERT INTO executions (candidate_id, iteration_id, verdict, passed, total, duration_ms, stdout_tail, stderr_tail, attempts, created_at)
+            SELECT id, iteration_id, (ARRAY['OK','WRONG_ANSWER','RUNTIME_ERROR','TIME_LIMIT'])[1 + id % 4], 0, 3, 1.0, '', '', 1, now()
             FROM candidates WHERE iteration_id IS NOT NULL"""))
         connection.execute(text("""
             INSERT INTO scores (candidate_id, reward_model_version_id, score, created_at)

@@ -48,10 +48,19 @@ class Execution(CreatedAt, Base):
     an execution task finds the row and does nothing."""
 
     __tablename__ = "executions"
+    __table_args__ = (
+        # Verdict histograms per iteration are index-only scans on this.
+        Index("ix_executions_iteration_id_verdict", "iteration_id", "verdict"),
+    )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
     candidate_id: Mapped[int] = mapped_column(
         BigInteger, ForeignKey("candidates.id", ondelete="CASCADE"), unique=True
+    )
+    # Copied from the candidate when the verdict is recorded, so the analysis
+    # queries by iteration need no join over the two largest tables.
+    iteration_id: Mapped[int | None] = mapped_column(
+        ForeignKey("iterations.id", ondelete="SET NULL")
     )
     verdict: Mapped[Verdict] = mapped_column(str_enum(Verdict), index=True)
     passed: Mapped[int] = mapped_column(Integer, default=0)

@@ -111,6 +111,19 @@ def insert_candidates(session: Session, rows: Sequence[dict[str, Any]]) -> list[
 
 
 def insert_executions(session: Session, rows: Sequence[dict[str, Any]]) -> int:
-    """Record verdicts; a candidate that already has one keeps it. Returns rows written."""
-    inserted = _insert_ignoring_conflicts(session, Execution, list(rows), ["candidate_id"], [Execution.id])
+    """Record verdicts; a candidate that already has one keeps it. Returns rows written.
+
+    Each row needs `candidate_id` and `verdict`; `iteration_id` is copied from
+    the candidate."""
+    candidate_ids = [row["candidate_id"] for row in rows]
+    iteration_of: dict[int, int | None] = {}
+    for start in range(0, len(candidate_ids), _SQLITE_CHUNK):
+        found = session.execute(
+            select(Candidate.id, Candidate.iteration_id).where(
+                Candidate.id.in_(candidate_ids[start : start + _SQLITE_CHUNK])
+            )
+        )
+        iteration_of.update({candidate_id: iteration_id for candidate_id, iteration_id in found})
+    rows = [{**row, "iteration_id": iteration_of.get(row["candidate_id"])} for row in rows]
+    inserted = _insert_ignoring_conflicts(session, Execution, rows, ["candidate_id"], [Execution.id])
     return len(inserted)

@@ -58,6 +58,7 @@ def make_candidate(
         session.add(
             Execution(
                 candidate_id=candidate.id,
+                iteration_id=iteration_id,
                 verdict=verdict,
                 passed=1 if verdict == Verdict.OK else 0,
                 total=1,

@@ -121,6 +121,7 @@ def upgrade() -> None:
     op.create_table('executions',
     sa.Column('id', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), nullable=False),
     sa.Column('candidate_id', sa.BigInteger(), nullable=False),
+    sa.Column('iteration_id', sa.Integer(), nullable=True),
     sa.Column('verdict', sa.Enum('OK', 'WRONG_ANSWER', 'RUNTIME_ERROR', 'TIME_LIMIT', 'MEMORY_LIMIT', 'OUTPUT_LIMIT', 'COMPILE_ERROR', 'SANDBOX_ERROR', name='verdict', native_enum=False, length=16), nullable=False),
     sa.Column('passed', sa.Integer(), nullable=False),
     sa.Column('total', sa.Integer(), nullable=True),
@@ -131,11 +132,13 @@ def upgrade() -> None:
     sa.Column('attempts', sa.Integer(), nullable=False),
     sa.Column('created_at', sa.DateTime(timezone=True), nullable=False),
     sa.ForeignKeyConstraint(['candidate_id'], ['candidates.id'], name=op.f('fk_executions_candidate_id_candidates'), ondelete='CASCADE'),
+    sa.ForeignKeyConstraint(['iteration_id'], ['iterations.id'], name=op.f('fk_executions_iteration_id_iterations'), ondelete='SET NULL'),
     sa.PrimaryKeyConstraint('id', name=op.f('pk_executions')),
     sa.UniqueConstraint('candidate_id', name=op.f('uq_executions_candidate_id'))
     )
     with op.batch_alter_table('executions', schema=None) as batch_op:
         batch_op.create_index(batch_op.f('ix_executions_verdict'), ['verdict'], unique=False)
+        batch_op.create_index('ix_executions_iteration_id_verdict', ['iteration_id', 'verdict'], unique=False)
 
     op.create_table('hard_negative_labels',
     sa.Column('id', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), nullable=False),
@@ -181,6 +184,7 @@ def downgrade() -> None:
 
     op.drop_table('hard_negative_labels')
     with op.batch_alter_table('executions', schema=None) as batch_op:
+        batch_op.drop_index('ix_executions_iteration_id_verdict')
         batch_op.drop_index(batch_op.f('ix_executions_verdict'))
 
     op.drop_table('executions')
