@@ -1,0 +1,650 @@
+"""Candidate generation: N programs per problem from a model (`transformers`,
+`vllm`) or from semantic mutations of the reference solution (`mutation`).
+
+A sample's `code` is the prompt plus the completion cut at the language's first
+stop sequence (MultiPL-E's stops), a whole unit the sandbox appends tests to.
+In C++, Java, C# and Bash the stop is the closing of the prompt's function, and
+`code` keeps that closing line: the sandbox puts its C++ prologue between code
+and tests, so code must not end inside a function. (MultiPL-E's own tests for
+these languages begin with that closing line; they need it dropped on import.)
+"""
+
+import ast
+import random
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from app.settings import BUNDLED_MODEL
+from models.enums import Language
+
+BACKENDS = ("transformers", "vllm", "mutation")
+PROMPT_STYLES = ("auto", "chat", "completion")
+
+# MultiPL-E-style stops. "\n```" ends a fenced block that instruct models like
+# to close even in completion mode.
+STOP_SEQUENCES: dict[Language, tuple[str, ...]] = {
+    Language.PYTHON: (
+        "\ndef ",
+        "\nclass ",
+        "\nif __name__",
+        "\nprint(",
+        "\n#",
+        "\nassert ",
+        "\n@",
+        "\n```",
+    ),
+    Language.JAVASCRIPT: (
+        "\nfunction ",
+        "\n/*",
+        "\n//",
+        "\nconsole.log",
+        "\nmodule.exports",
+        "\nconst assert",
+        "\n```",
+    ),
+    Language.TYPESCRIPT: (
+        "\nfunction ",
+        "\n/*",
+        "\n//",
+        "\nconsole.log",
+        "\nexport ",
+        "\ndeclare ",
+        "\n```",
+    ),
+    Language.PHP: ("\nfunction", "\n?>", "\n//", "\n#", "\n```"),
+    Language.CPP: ("\n}", "\n```"),
+    Language.JAVA: ("\n    }\n", "\n}", "\n```"),
+    Language.CSHARP: ("\n    }\n", "\n}", "\n```"),
+    Language.BASH: ("\n}", "\n```"),
+}
+
+# Stops that close the prompt's function: the code keeps them, minus the newline after.
+_FUNCTION_CLOSINGS = ("\n}", "\n    }\n")
+
+# The line of a prompt that declares the function to complete; its name lets
+# us find the same function in a chat reply.
+_FUNCTION_HEADER: dict[Language, re.Pattern[str]] = {
+    Language.PYTHON: re.compile(r"^[ \t]*(?:async\s+)?def\s+(\w+)\s*\(.*$", re.M),
+    Language.JAVASCRIPT: re.compile(r"^.*\bfunction\s+(\w+)\s*\(.*$", re.M),
+    Language.TYPESCRIPT: re.compile(r"^.*\bfunction\s+(\w+)\s*[(<].*$", re.M),
+    Language.PHP: re.compile(r"^.*\bfunction\s+(\w+)\s*\(.*$", re.M),
+    Language.CPP: re.compile(r"^[^;#/]*?(\w+)\s*\([^;]*\)\s*(?:const\s*)?\{\s*$", re.M),
+    Language.JAVA: re.compile(r"^[^;/]*?(\w+)\s*\([^;]*\)\s*(?:throws [\w., ]+)?\{\s*$", re.M),
+    Language.CSHARP: re.compile(r"^[^;/]*?(\w+)\s*\([^;]*\)\s*\{\s*$", re.M),
+    Language.BASH: re.compile(r"^\s*(?:function\s+)?(\w+)\s*\(\)\s*\{?\s*$", re.M),
+}
+_FENCED_BLOCK = re.compile(r"```[^\n`]*\n(.*?)(?:```|\Z)", re.S)
+
+
+def parse_language(value: str) -> Language:
+    """The `Language` named by `value`, or a ValueError listing the known ones."""
+    try:
+        return Language(value)
+    except ValueError:
+        known = ", ".join(language.value for language in Language)
+        raise ValueError(f"unknown language {value!r} (known: {known})") from None
+
+
+@dataclass
+class GenerationConfig:
+    """How candidates are sampled; the same config serves CPU and GPU runs."""
+
+    backend: str = field(
+        default="transformers",
+        metadata={"help": "'transformers' (CPU or GPU), 'vllm' (GPU, extra .[gpu]) or 'mutation'."},
+    )
+    model: str = field(
+        default=BUNDLED_MODEL,
+        metadata={
+            "help": "Model spec: bundled:smollm2, a saved folder, a .gguf file or a cached id."
+        },
+    )
+    max_new_tokens: int = field(default=256, metadata={"help": "Most tokens generated per sample."})
+    temperature: float = field(
+        default=0.8, metadata={"help": "Sampling temperature; 0 means greedy decoding."}
+    )
+    top_p: float = field(default=0.95, metadata={"help": "Nucleus sampling probability mass."})
+    batch_size: int = field(
+        default=16,
+        metadata={"help": "Sequences per model.generate call, prompts x samples across problems."},
+    )
+    prompt_style: str = field(
+        default="auto",
+        metadata={
+            "help": "'chat' wraps the prompt in the model's chat template, 'completion' continues "
+            "it as text, 'auto' uses chat when the tokenizer has a template."
+        },
+    )
+    seed: int = field(default=0, metadata={"help": "Seed for sampling and for mutation order."})
+
+    def __post_init__(self) -> None:
+        if self.backend not in BACKENDS:
+            raise ValueError(f"unknown generation backend {self.backend!r} (known: {BACKENDS})")
+        if self.prompt_style not in PROMPT_STYLES:
+            raise ValueError(f"unknown prompt_style {self.prompt_style!r} (known: {PROMPT_STYLES})")
+        if self.max_new_tokens < 1 or self.batch_size < 1:
+            raise ValueError("max_new_tokens and batch_size must be at least 1")
+
+
+@dataclass(frozen=True)
+class PromptSpec:
+    """What a generator needs of a problem."""
+
+    problem_id: int
+    language: str
+    prompt: str
+    reference_solution: str | None = None
+
+    def __post_init__(self) -> None:
+        parse_language(self.language)
+
+    @classmethod
+    def from_problem(cls, problem: Any) -> "PromptSpec":
+        """From a `models.Problem` row (or anything with its attributes)."""
+        return cls(
+            problem_id=problem.id,
+            language=str(problem.language),
+            prompt=problem.prompt,
+            reference_solution=problem.reference_solution,
+        )
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One candidate: `code` is what the store keeps and the sandbox runs."""
+
+    code: str
+    completion: str
+    num_tokens: int
+
+
+class Generator(Protocol):
+    def generate(self, prompts: Sequence[PromptSpec], n: int) -> list[list[Sample]]:
+        """One list of n samples per prompt, in order (mutation may return fewer)."""
+        ...
+
+
+def make_generator(config: GenerationConfig) -> Generator:
+    """The backend `config.backend` names; models load here, once."""
+    if config.backend == "transformers":
+        return TransformersGenerator(config)
+    if config.backend == "vllm":
+        return VLLMGenerator(config)
+    return MutationGenerator(config)
+
+
+# --- shared text handling ---------------------------------------------------
+
+
+def cut_at_stop(completion: str, language: Language) -> str:
+    """The completion up to its first stop sequence; a function closing stays in."""
+    cut, kept = len(completion), ""
+    for stop in STOP_SEQUENCES[language]:
+        index = completion.find(stop)
+        if index != -1 and index < cut:
+            cut, kept = index, stop.rstrip("\n") if stop in _FUNCTION_CLOSINGS else ""
+    return completion[:cut] + kept
+
+
+def completion_from_reply(reply: str, prompt: str, language: Language) -> str:
+    """The part of a chat reply that continues `prompt`: the body of the prompt's
+    function, taken from the fenced block that defines it (or the whole reply)."""
+    blocks = _FENCED_BLOCK.findall(reply) or [reply]
+    header = _FUNCTION_HEADER[language]
+    headers = list(header.finditer(prompt))
+    name = headers[-1].group(1) if headers else None
+    for block in blocks:
+        for match in header.finditer(block):
+            if match.group(1) == name:
+                return block[match.end() :].removeprefix("\n")
+    body = max(blocks, key=len)
+    if language == Language.PYTHON and body.strip() and not body[:1].isspace():
+        # A bare body at column 0 would end the function; indent it under it.
+        body = "".join(f"    {line}" if line.strip() else line for line in body.splitlines(True))
+    return body
+
+
+def _sample(prompt: PromptSpec, completion: str, num_tokens: int) -> Sample:
+    cut = cut_at_stop(completion, Language(prompt.language))
+    return Sample(code=prompt.prompt + cut, completion=cut, num_tokens=num_tokens)
+
+
+def _chat_messages(prompt: PromptSpec) -> list[dict[str, str]]:
+    return [
+        {
+            "role": "user",
+            "content": f"Complete this {prompt.language} function. Reply with the whole "
+            f"function in one fenced code block.\n\n```{prompt.language}\n{prompt.prompt}\n```",
+        }
+    ]
+
+
+def _uses_chat(style: str, tokenizer: Any) -> bool:
+    has_template = bool(tokenizer.chat_template)
+    if style == "chat" and not has_template:
+        raise ValueError("prompt_style='chat' but the model's tokenizer has no chat template")
+    return style == "chat" or (style == "auto" and has_template)
+
+
+def _model_input(prompt: PromptSpec, chat: bool, tokenizer: Any) -> str:
+    if not prompt.prompt.strip():
+        raise ValueError(f"problem {prompt.problem_id}: empty prompt")
+    if not chat:
+        return prompt.prompt
+    return tokenizer.apply_chat_template(
+        _chat_messages(prompt), tokenize=False, add_generation_prompt=True
+    )
+
+
+def _check_n(n: int) -> None:
+    if n < 1:
+        raise ValueError(f"n must be at least 1, got {n}")
+
+
+# --- transformers -----------------------------------------------------------
+
+
+class TransformersGenerator:
+    """Batches prompts x n sequences across problems into few `generate` calls.
+
+    Each batch holds one language (stop strings are per call) and prompts of
+    similar length (less left padding)."""
+
+    def __init__(self, config: GenerationConfig, *, model: Any = None, tokenizer: Any = None):
+        import torch
+
+        from pipelines.loading import load_causal_lm, load_tokenizer
+
+        self.config = config
+        self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(config.model)
+        self.tokenizer.padding_side = "left"  # decoder-only models continue the right edge
+        if model is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+            dtype = torch.bfloat16 if device == "cuda" else torch.float32
+            model = load_causal_lm(config.model, dtype=dtype).to(device)
+        self.model = model.eval()
+        self.chat = _uses_chat(config.prompt_style, self.tokenizer)
+        self.tokens_generated = 0  # running total, read by the benchmark
+
+    def generate(self, prompts: Sequence[PromptSpec], n: int) -> list[list[Sample]]:
+        import torch
+
+        _check_n(n)
+        texts = [_model_input(prompt, self.chat, self.tokenizer) for prompt in prompts]
+        order = sorted(
+            (i for i in range(len(prompts)) for _ in range(n)),
+            key=lambda i: (prompts[i].language, len(texts[i])),
+        )
+        torch.manual_seed(self.config.seed)
+        results: list[list[Sample]] = [[] for _ in prompts]
+        size = self.config.batch_size
+        for start in range(0, len(order), size):
+            batch = order[start : start + size]
+            # A batch spans at most a few languages; split so each call has one stop set.
+            for language in dict.fromkeys(prompts[i].language for i in batch):
+                rows = [i for i in batch if prompts[i].language == language]
+                for i, (reply, count) in zip(
+                    rows, self._generate_batch(rows, texts, language), strict=True
+                ):
+                    results[i].append(self._to_sample(prompts[i], reply, count))
+        return results
+
+    def _to_sample(self, prompt: PromptSpec, reply: str, num_tokens: int) -> Sample:
+        if self.chat:
+            reply = completion_from_reply(reply, prompt.prompt, Language(prompt.language))
+        return _sample(prompt, reply, num_tokens)
+
+    def _generate_batch(
+        self, rows: list[int], texts: list[str], language: str
+    ) -> list[tuple[str, int]]:
+        import torch
+
+        encoded = self.tokenizer(
+            [texts[i] for i in rows], return_tensors="pt", padding=True, add_special_tokens=False
+        ).to(self.model.device)
+        sampling = self.config.temperature > 0
+        with torch.inference_mode():
+            output = self.model.generate(
+                **encoded,
+                max_new_tokens=self.config.max_new_tokens,
+                do_sample=sampling,
+                temperature=self.config.temperature if sampling else None,
+                top_p=self.config.top_p if sampling else None,
+                # Chat replies hold prose around the code: only EOS ends them.
+                stop_strings=None if self.chat else list(STOP_SEQUENCES[Language(language)]),
+                tokenizer=self.tokenizer,
+                pad_token_id=self.tokenizer.pad_token_id,
+            )
+        new_tokens = output[:, encoded["input_ids"].shape[1] :]
+        return [self._decode(row) for row in new_tokens]
+
+    def _decode(self, tokens: Any) -> tuple[str, int]:
+        """Text and length of one generated row, up to its first EOS or padding."""
+        ends = {self.tokenizer.eos_token_id, self.tokenizer.pad_token_id}
+        length = next((k for k, token in enumerate(tokens.tolist()) if token in ends), len(tokens))
+        self.tokens_generated += length
+        text = self.tokenizer.decode(tokens[:length], skip_special_tokens=True)
+        return text, max(length, 1)
+
+
+# --- vLLM -------------------------------------------------------------------
+
+
+class VLLMGenerator:
+    """One `LLM.generate` call for all prompts; vLLM batches and stops per request."""
+
+    def __init__(self, config: GenerationConfig):
+        try:
+            import vllm
+        except ImportError as error:
+            raise ImportError(
+                "the 'vllm' backend needs vLLM, which is in the optional extra: "
+                "pip install '.[gpu]' (on a GPU machine)"
+            ) from error
+        from pipelines.loading import load_tokenizer, resolve_model
+
+        self.config = config
+        self.vllm = vllm
+        self.tokenizer = load_tokenizer(config.model)
+        self.chat = _uses_chat(config.prompt_style, self.tokenizer)
+        source = resolve_model(config.model)
+        location = f"{source.location}/{source.gguf_file}" if source.gguf_file else source.location
+        self.llm = vllm.LLM(model=location, tokenizer=source.location, seed=config.seed)
+
+    def sampling_params(self, prompt: PromptSpec, n: int) -> Any:
+        return self.vllm.SamplingParams(
+            n=n,
+            temperature=self.config.temperature,
+            top_p=self.config.top_p if self.config.temperature > 0 else 1.0,
+            max_tokens=self.config.max_new_tokens,
+            stop=None if self.chat else list(STOP_SEQUENCES[Language(prompt.language)]),
+            seed=self.config.seed,
+        )
+
+    def generate(self, prompts: Sequence[PromptSpec], n: int) -> list[list[Sample]]:
+        _check_n(n)
+        if not prompts:
+            return []
+        texts = [_model_input(prompt, self.chat, self.tokenizer) for prompt in prompts]
+        params = [self.sampling_params(prompt, n) for prompt in prompts]
+        outputs = self.llm.generate(texts, params)
+        results = []
+        for prompt, output in zip(prompts, outputs, strict=True):
+            samples = []
+            for choice in output.outputs:
+                text = choice.text
+                if self.chat:
+                    text = completion_from_reply(text, prompt.prompt, Language(prompt.language))
+                samples.append(_sample(prompt, text, max(len(choice.token_ids), 1)))
+            results.append(samples)
+        return results
+
+
+# --- mutation ---------------------------------------------------------------
+
+Edit = tuple[int, int, str]  # replace text[start:end] with the string
+
+
+class MutationGenerator:
+    """Near-miss candidates: single (then double) semantic mutations of the
+    reference solution, in a seeded random order, distinct and different from
+    the reference. Mutations stay after the prompt when the reference starts
+    with it, like a model's completion would. A prompt without a reference
+    gets no samples."""
+
+    def __init__(self, config: GenerationConfig):
+        self.config = config
+
+    def generate(self, prompts: Sequence[PromptSpec], n: int) -> list[list[Sample]]:
+        _check_n(n)
+        return [self._mutants(prompt, n) for prompt in prompts]
+
+    def _mutants(self, prompt: PromptSpec, n: int) -> list[Sample]:
+        reference = prompt.reference_solution
+        if not reference or not reference.strip():
+            return []
+        language = Language(prompt.language)
+        floor = len(prompt.prompt) if reference.startswith(prompt.prompt) else 0
+        if language == Language.PYTHON:
+            edits, same_program = python_edits(reference, prompt.problem_id), _python_key
+        else:
+            edits, same_program = token_edits(reference, language), _token_key
+        edits = [edit for edit in edits if edit[0] >= floor] or edits
+        rng = random.Random(f"{self.config.seed}:{prompt.problem_id}")
+        rng.shuffle(edits)
+        seen = {same_program(reference)}
+        samples = []
+        for combo in _edit_combinations(edits, rng):
+            code = apply_edits(reference, combo)
+            key = same_program(code)
+            if key is None or key in seen:
+                continue
+            seen.add(key)
+            samples.append(_mutant_sample(prompt, code))
+            if len(samples) == n:
+                break
+        return samples
+
+
+def _edit_combinations(edits: list[Edit], rng: random.Random) -> Iterator[list[Edit]]:
+    """Every single edit, then pairs of non-overlapping ones (bounded)."""
+    yield from ([edit] for edit in edits)
+    pairs = [
+        (a, b) for k, a in enumerate(edits) for b in edits[k + 1 :] if a[1] <= b[0] or b[1] <= a[0]
+    ]
+    rng.shuffle(pairs)
+    yield from (list(pair) for pair in pairs[:2000])
+
+
+def apply_edits(text: str, edits: Sequence[Edit]) -> str:
+    for start, end, replacement in sorted(edits, reverse=True):
+        text = text[:start] + replacement + text[end:]
+    return text
+
+
+def _mutant_sample(prompt: PromptSpec, code: str) -> Sample:
+    completion = code[len(prompt.prompt) :] if code.startswith(prompt.prompt) else code
+    return Sample(code=code, completion=completion, num_tokens=0)
+
+
+def _python_key(code: str) -> str | None:
+    """Programs that differ only in parentheses or layout are the same program."""
+    try:
+        return ast.dump(ast.parse(code))
+    except SyntaxError:
+        return None
+
+
+def _token_key(code: str) -> str:
+    return " ".join(code.split())
+
+
+# Python: the AST finds each site; its source segment is replaced by the
+# unparsed mutated node, so everything else keeps its layout and comments.
+_PY_BINOPS: dict[type, tuple[type, ...]] = {
+    ast.Add: (ast.Sub,),
+    ast.Sub: (ast.Add,),
+    ast.Mult: (ast.FloorDiv, ast.Add),
+    ast.FloorDiv: (ast.Mult, ast.Div),
+    ast.Div: (ast.Mult, ast.FloorDiv),
+    ast.Mod: (ast.FloorDiv,),
+}
+_PY_COMPARES: dict[type, tuple[type, ...]] = {
+    ast.Lt: (ast.LtE, ast.Gt),
+    ast.LtE: (ast.Lt, ast.GtE),
+    ast.Gt: (ast.GtE, ast.Lt),
+    ast.GtE: (ast.Gt, ast.LtE),
+    ast.Eq: (ast.NotEq,),
+    ast.NotEq: (ast.Eq,),
+    ast.In: (ast.NotIn,),
+    ast.NotIn: (ast.In,),
+    ast.Is: (ast.IsNot,),
+    ast.IsNot: (ast.Is,),
+}
+
+
+def python_edits(source: str, problem_id: int = 0) -> list[Edit]:
+    """All single semantic mutations of a Python program, as text edits."""
+    try:
+        tree = ast.parse(source)
+    except SyntaxError as error:
+        raise ValueError(
+            f"problem {problem_id}: reference solution is not valid Python: {error}"
+        ) from None
+    offsets = _line_offsets(source)
+    edits: list[Edit] = []
+    for node in ast.walk(tree):
+        for mutated in _python_mutations(node):
+            start, end = _span(node, offsets, source)
+            edits.append((start, end, f"({ast.unparse(mutated)})"))
+        # Negated conditions and wrong return values replace a child's span.
+        if isinstance(node, ast.If | ast.While | ast.IfExp):
+            start, end = _span(node.test, offsets, source)
+            edits.append((start, end, f"(not ({source[start:end]}))"))
+        if isinstance(node, ast.Return) and node.value is not None:
+            start, end = _span(node.value, offsets, source)
+            edits.append((start, end, "None"))
+    return edits
+
+
+def _python_mutations(node: ast.AST) -> list[ast.AST]:
+    """Mutated copies of one expression node."""
+    copy = _shallow_copy
+    if isinstance(node, ast.BinOp) and type(node.op) in _PY_BINOPS:
+        return [copy(node, op=op()) for op in _PY_BINOPS[type(node.op)]]
+    if isinstance(node, ast.Compare):
+        return [
+            copy(node, ops=node.ops[:k] + [op()] + node.ops[k + 1 :])
+            for k, current in enumerate(node.ops)
+            for op in _PY_COMPARES.get(type(current), ())
+        ]
+    if isinstance(node, ast.BoolOp):
+        return [copy(node, op=ast.Or() if isinstance(node.op, ast.And) else ast.And())]
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.Not):
+        return [node.operand]  # drop the negation
+    if isinstance(node, ast.Constant) and type(node.value) is bool:
+        return [ast.Constant(not node.value)]
+    if isinstance(node, ast.Constant) and type(node.value) is int:
+        return [ast.Constant(node.value + 1), ast.Constant(node.value - 1)]
+    if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "range":
+        return _range_bound_mutations(node)
+    return []
+
+
+def _range_bound_mutations(call: ast.Call) -> list[ast.AST]:
+    """Off-by-one on the non-constant bounds of range() (constants mutate on their own)."""
+    mutations = []
+    for k, arg in enumerate(call.args[:2]):
+        if isinstance(arg, ast.Constant):
+            continue
+        for op in (ast.Add(), ast.Sub()):
+            bound = ast.BinOp(left=arg, op=op, right=ast.Constant(1))
+            mutations.append(_shallow_copy(call, args=call.args[:k] + [bound] + call.args[k + 1 :]))
+    return mutations
+
+
+def _shallow_copy(node: ast.AST, **changes: Any) -> ast.AST:
+    fields = {name: getattr(node, name) for name in node._fields} | changes
+    return type(node)(**fields)
+
+
+def _line_offsets(source: str) -> list[int]:
+    """Character offset of each line start (ast columns are UTF-8 byte offsets)."""
+    offsets, total = [], 0
+    for line in source.splitlines(keepends=True):
+        offsets.append(total)
+        total += len(line)
+    return offsets + [total]
+
+
+def _span(node: ast.AST, offsets: list[int], source: str) -> tuple[int, int]:
+    def position(lineno: int, col: int) -> int:
+        line = source[offsets[lineno - 1] : offsets[lineno]]
+        return offsets[lineno - 1] + len(line.encode()[:col].decode(errors="ignore"))
+
+    return position(node.lineno, node.col_offset), position(node.end_lineno, node.end_col_offset)
+
+
+# Other languages: a small tokenizer keeps strings and comments out of reach;
+# operators mutate only where their spacing marks them as binary (` < ` is a
+# comparison, `vector<int>` is not; ` - ` is subtraction, `-1` is not).
+_TOKEN = re.compile(
+    r"""(?P<skip>"(?:\\.|[^"\\\n])*"|'(?:\\.|[^'\\\n])*'|`(?:\\.|[^`\\])*`"""
+    r"""|//[^\n]*|/\*.*?\*/|\#[^\n]*)"""  # '#': Bash/PHP comment, C++/C# directive
+    r"""|(?P<number>\b\d+\.\d+\b|\b\d+[lLuU]*\b)"""
+    r"""|(?P<word>-(?:lt|le|gt|ge|eq|ne)\b|[A-Za-z_]\w*)"""
+    r"""|(?P<op>===|!==|==|!=|<=|>=|&&|\|\||->|=>|::|\+\+|--|[-+*/%<>!(){};])""",
+    re.S,
+)
+_SPACED_OPS = {
+    "+": ("-",),
+    "-": ("+",),
+    "*": ("/", "+"),
+    "/": ("*",),
+    "%": ("/",),
+    "<": ("<=", ">"),
+    ">": (">=", "<"),
+}
+_ANY_OPS = {
+    "<=": ("<", ">="),
+    ">=": (">", "<="),
+    "==": ("!=",),
+    "!=": ("==",),
+    "===": ("!==",),
+    "!==": ("===",),
+    "&&": ("||",),
+    "||": ("&&",),
+}
+_WORDS = {
+    "true": ("false",),
+    "false": ("true",),
+    "and": ("or",),
+    "or": ("and",),
+    "-lt": ("-le", "-gt"),
+    "-le": ("-lt", "-ge"),
+    "-gt": ("-ge", "-lt"),
+    "-ge": ("-gt", "-le"),
+    "-eq": ("-ne",),
+    "-ne": ("-eq",),
+}
+
+
+def token_edits(source: str, language: Language) -> list[Edit]:
+    """All single semantic mutations of a C-family, PHP or Bash program."""
+    tokens = [m for m in _TOKEN.finditer(source) if m.lastgroup != "skip"]
+    edits: list[Edit] = []
+    for k, token in enumerate(tokens):
+        text, start, end = token.group(), token.start(), token.end()
+        if token.lastgroup == "number" and "." not in text:
+            digits = text.rstrip("lLuU")
+            suffix = text[len(digits) :]
+            values = (int(digits) + 1, int(digits) - 1)
+            edits += [(start, end, f"{value}{suffix}") for value in values if value >= 0]
+        elif token.lastgroup == "word":
+            edits += [(start, end, other) for other in _WORDS.get(text, ())]
+            if text in ("if", "while") and language != Language.BASH:
+                edits += _negate_parenthesised(source, tokens, k)
+            elif text in ("if", "while"):
+                edits.append((end, end, " !"))
+        elif text in _ANY_OPS or (text in _SPACED_OPS and _spaced(source, start, end)):
+            edits += [(start, end, other) for other in (_ANY_OPS | _SPACED_OPS)[text]]
+    return edits
+
+
+def _spaced(source: str, start: int, end: int) -> bool:
+    return source[start - 1 : start] == " " and source[end : end + 1] == " "
+
+
+def _negate_parenthesised(source: str, tokens: list[re.Match[str]], k: int) -> list[Edit]:
+    """`if (x)` becomes `if (!(x))`: find the parenthesis that closes the condition."""
+    if k + 1 >= len(tokens) or tokens[k + 1].group() != "(":
+        return []
+    depth = 0
+    for closing in tokens[k + 1 :]:
+        depth += {"(": 1, ")": -1}.get(closing.group(), 0)
+        if depth == 0:
+            start, end = tokens[k + 1].end(), closing.start()
+            return [(start, end, f"!({source[start:end]})")]
+    return []
