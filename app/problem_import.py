@@ -104,7 +104,7 @@ def parse_problem_line(record: Any, line: int, default_source: str) -> dict[str,
         )
     ):
         raise ProblemFormatError(
-            line, "io_cases", "must be a non-empty list of {\"input\": str, \"output\": str}"
+            line, "io_cases", 'must be a non-empty list of {"input": str, "output": str}'
         )
     tests = record.get("tests") or ""
     if not isinstance(tests, str):

@@ -45,7 +45,13 @@ QUERIES = {
 def seed_problems(engine: Engine, count: int) -> list[int]:
     with Session(engine) as session:
         problems = [
-            Problem(source="bench", task_id=f"b/{i}", language=Language.PYTHON, prompt="def f():\n", tests="assert f()\n")
+            Problem(
+                source="bench",
+                task_id=f"b/{i}",
+                language=Language.PYTHON,
+                prompt="def f():\n",
+                tests="assert f()\n",
+            )
             for i in range(count)
         ]
         session.add_all(problems)
@@ -70,7 +76,12 @@ def bulk_insert(engine: Engine, problem_ids: list[int], rows: int) -> float:
             insert_executions(
                 session,
                 [
-                    {"candidate_id": cid, "verdict": VERDICTS[cid % 4], "passed": cid % 3, "total": 3}
+                    {
+                        "candidate_id": cid,
+                        "verdict": VERDICTS[cid % 4],
+                        "passed": cid % 3,
+                        "total": 3,
+                    }
                     for cid in ids
                 ],
             )
@@ -82,42 +93,68 @@ def fill_postgres(engine: Engine, rows: int, problems: int, iterations: int) -> 
     """Bulk-load the query data set server-side: `rows` candidates, each executed
     and scored, 5% labelled hard negative."""
     with engine.begin() as connection:
-        connection.execute(text("INSERT INTO model_versions (kind, name, base_model, metrics, status, created_at) "
-                                "VALUES ('reward', 'rm-bench', 'x', '{}', 'ready', now())"))
-        connection.execute(text("INSERT INTO iterations (number, status, params, metrics, created_at) "
-                                "SELECT n, 'done', '{}', '{}', now() FROM generate_series(1, :n) n"), {"n": iterations})
-        connection.execute(text("""
+        connection.execute(
+            text(
+                "INSERT INTO model_versions (kind, name, base_model, metrics, status, created_at) "
+                "VALUES ('reward', 'rm-bench', 'x', '{}', 'ready', now())"
+            )
+        )
+        connection.execute(
+            text(
+                "INSERT INTO iterations (number, status, params, metrics, created_at) "
+                "SELECT n, 'done', '{}', '{}', now() FROM generate_series(1, :n) n"
+            ),
+            {"n": iterations},
+        )
+        connection.execute(
+            text("""
             INSERT INTO problems (source, task_id, language, prompt, tests, created_at)
-            SELECT 'q', 'q/' || n, 'python', 'p', 't', now() FROM generate_series(1, :n) n"""), {"n": problems})
-        connection.execute(text("""
+            SELECT 'q', 'q/' || n, 'python', 'p', 't', now() FROM generate_series(1, :n) n"""),
+            {"n": problems},
+        )
+        connection.execute(
+            text("""
             INSERT INTO candidates (problem_id, code, content_hash, origin, iteration_id, created_at)
             SELECT (SELECT min(id) FROM problems WHERE source = 'q') + n % :p, 'code ' || n, md5(n::text),
                    'generator', (SELECT min(id) FROM iterations) + n % :it, now()
-            FROM generate_series(1, :rows) n"""), {"p": problems, "it": iterations, "rows": rows})
-        connection.execute(text("""
+            FROM generate_series(1, :rows) n"""),
+            {"p": problems, "it": iterations, "rows": rows},
+        )
+        connection.execute(
+            text("""
             INSERT INTO executions (candidate_id, iteration_id, verdict, passed, total, duration_ms, stdout_tail, stderr_tail, attempts, created_at)
             SELECT id, iteration_id, (ARRAY['OK','WRONG_ANSWER','RUNTIME_ERROR','TIME_LIMIT'])[1 + id % 4], 0, 3, 1.0, '', '', 1, now()
-            FROM candidates WHERE iteration_id IS NOT NULL"""))
-        connection.execute(text("""
+            FROM candidates WHERE iteration_id IS NOT NULL""")
+        )
+        connection.execute(
+            text("""
             INSERT INTO scores (candidate_id, reward_model_version_id, score, created_at)
             SELECT c.id, m.id, random(), now() FROM candidates c, model_versions m
-            WHERE m.name = 'rm-bench' AND c.iteration_id IS NOT NULL"""))
-        connection.execute(text("""
+            WHERE m.name = 'rm-bench' AND c.iteration_id IS NOT NULL""")
+        )
+        connection.execute(
+            text("""
             INSERT INTO hard_negative_labels (candidate_id, reward_model_version_id, iteration_id, rule, created_at)
             SELECT c.id, m.id, c.iteration_id, 'above_lowest_passing', now() FROM candidates c, model_versions m
-            WHERE m.name = 'rm-bench' AND c.iteration_id IS NOT NULL AND c.id % 20 = 0"""))
+            WHERE m.name = 'rm-bench' AND c.iteration_id IS NOT NULL AND c.id % 20 = 0""")
+        )
         connection.execute(text("ANALYZE"))
 
 
 def time_queries(engine: Engine, repeats: int) -> dict[str, list[float]]:
     with engine.connect() as connection:
         version = connection.scalar(text("SELECT id FROM model_versions WHERE name = 'rm-bench'"))
-        problems = connection.scalars(text("SELECT id FROM problems WHERE source = 'q' ORDER BY id LIMIT 50")).all()
+        problems = connection.scalars(
+            text("SELECT id FROM problems WHERE source = 'q' ORDER BY id LIMIT 50")
+        ).all()
         iterations = connection.scalars(text("SELECT id FROM iterations ORDER BY id")).all()
         timings: dict[str, list[float]] = {name: [] for name in QUERIES}
         for i in range(repeats):
-            params = {"problem": problems[i % len(problems)], "version": version,
-                      "iteration": iterations[i % len(iterations)]}
+            params = {
+                "problem": problems[i % len(problems)],
+                "version": version,
+                "iteration": iterations[i % len(iterations)],
+            }
             for name, sql in QUERIES.items():
                 start = time.perf_counter()
                 connection.execute(text(sql), params).all()
@@ -149,12 +186,16 @@ def main() -> None:
             for label, engine in engines.items():
                 problem_ids = seed_problems(engine, 164)
                 rates[label] = bulk_insert(engine, problem_ids, insert_rows)
-                print(f"{label}: {insert_rows} candidates + executions at {rates[label]:,.0f} rows/s")
+                print(
+                    f"{label}: {insert_rows} candidates + executions at {rates[label]:,.0f} rows/s"
+                )
             engines["sqlite"].dispose()
 
         fill_start = time.perf_counter()
         fill_postgres(engines["pg"], query_rows, problems=1000, iterations=10)
-        print(f"pg: loaded {query_rows:,} more candidates for the queries in {time.perf_counter() - fill_start:.1f}s")
+        print(
+            f"pg: loaded {query_rows:,} more candidates for the queries in {time.perf_counter() - fill_start:.1f}s"
+        )
         timings = time_queries(engines["pg"], repeats=20 if args.quick else 100)
         for query, values in timings.items():
             print(f"{query}: p50={statistics.median(values):.1f}ms p95={p95(values):.1f}ms")
@@ -163,7 +204,9 @@ def main() -> None:
         with psycopg.connect(ADMIN_DSN, autocommit=True) as admin:
             admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
     worst = max(p95(values) for values in timings.values())
-    print(f"RESULT pg_rows_per_s={rates['pg']:.0f} sqlite_rows_per_s={rates['sqlite']:.0f} query_p95_ms={worst:.1f}")
+    print(
+        f"RESULT pg_rows_per_s={rates['pg']:.0f} sqlite_rows_per_s={rates['sqlite']:.0f} query_p95_ms={worst:.1f}"
+    )
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
-from models.base import BigId, Base, CreatedAt, str_enum
+from models.base import Base, BigId, CreatedAt, str_enum
 from models.enums import Origin, Verdict
 from models.problem import Problem
 

@@ -59,18 +59,22 @@ def _insert_ignoring_conflicts(
     out: list[Row] = []
     if session.get_bind().dialect.name != "postgresql":
         statement = (
-            dialect_insert(session, model).on_conflict_do_nothing(index_elements=conflict).returning(*returning)
+            dialect_insert(session, model)
+            .on_conflict_do_nothing(index_elements=conflict)
+            .returning(*returning)
         )
         for start in range(0, len(rows), _SQLITE_CHUNK):
             out.extend(session.execute(statement, rows[start : start + _SQLITE_CHUNK]))
         return out
     names = list(rows[0])
     arrays = ", ".join(
-        f"CAST(:{name} AS {table.c[name].type.compile(dialect=postgresql.dialect())}[])" for name in names
+        f"CAST(:{name} AS {table.c[name].type.compile(dialect=postgresql.dialect())}[])"
+        for name in names
     )
+    returned = ", ".join(column.name for column in returning)
     statement = text(
         f"INSERT INTO {table.name} ({', '.join(names)}) SELECT * FROM unnest({arrays}) "
-        f"ON CONFLICT ({', '.join(conflict)}) DO NOTHING RETURNING {', '.join(c.name for c in returning)}"
+        f"ON CONFLICT ({', '.join(conflict)}) DO NOTHING RETURNING {returned}"
     )
     for start in range(0, len(rows), _PG_CHUNK):
         chunk = rows[start : start + _PG_CHUNK]
@@ -103,7 +107,9 @@ def insert_candidates(session: Session, rows: Sequence[dict[str, Any]]) -> list[
     for start in range(0, len(missing), _SQLITE_CHUNK):
         found = session.execute(
             select(Candidate.problem_id, Candidate.content_hash, Candidate.id).where(
-                tuple_(Candidate.problem_id, Candidate.content_hash).in_(missing[start : start + _SQLITE_CHUNK])
+                tuple_(Candidate.problem_id, Candidate.content_hash).in_(
+                    missing[start : start + _SQLITE_CHUNK]
+                )
             )
         )
         ids.update({(p, h): i for p, h, i in found})
@@ -125,5 +131,7 @@ def insert_executions(session: Session, rows: Sequence[dict[str, Any]]) -> int:
         )
         iteration_of.update({candidate_id: iteration_id for candidate_id, iteration_id in found})
     rows = [{**row, "iteration_id": iteration_of.get(row["candidate_id"])} for row in rows]
-    inserted = _insert_ignoring_conflicts(session, Execution, rows, ["candidate_id"], [Execution.id])
+    inserted = _insert_ignoring_conflicts(
+        session, Execution, rows, ["candidate_id"], [Execution.id]
+    )
     return len(inserted)

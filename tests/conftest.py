@@ -19,7 +19,9 @@ from app import migrate
 from app.db import make_engine
 
 IN_CI = os.environ.get("CI") == "true"
-PG_ADMIN_DSN = os.environ.get("RR_TEST_PG_ADMIN", "host=127.0.0.1 port=5432 user=postgres dbname=test")
+PG_ADMIN_DSN = os.environ.get(
+    "RR_TEST_PG_ADMIN", "host=127.0.0.1 port=5432 user=postgres dbname=test"
+)
 REDIS_URL = os.environ.get("RR_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 
 
@@ -106,8 +108,6 @@ def redis_url() -> str:
     except redis.RedisError as error:
         unavailable(f"Redis at {REDIS_URL}: {error}")
     return REDIS_URL
-
-
 
 
 @pytest.fixture(scope="session")

@@ -37,7 +37,9 @@ MULTIPLE = {
 
 
 def _write_jsonl(path: Path, lines: list) -> Path:
-    path.write_text("".join((line if isinstance(line, str) else json.dumps(line)) + "\n" for line in lines))
+    path.write_text(
+        "".join((line if isinstance(line, str) else json.dumps(line)) + "\n" for line in lines)
+    )
     return path
 
 
@@ -56,7 +58,9 @@ def test_humaneval_reference_passes_its_tests_and_a_broken_one_fails(tmp_path):
     def run(code: str) -> int:
         script = tmp_path / "program.py"
         script.write_text(code + "\n" + row["tests"])
-        return subprocess.run([sys.executable, str(script)], capture_output=True, timeout=60).returncode
+        return subprocess.run(
+            [sys.executable, str(script)], capture_output=True, timeout=60
+        ).returncode
 
     assert run(row["reference_solution"]) == 0
     assert run(row["prompt"] + "    return not True\n") != 0
@@ -111,7 +115,12 @@ def test_reimport_is_idempotent(session):
     again = upsert_problems(session, rows)
     assert (first.imported, first.unchanged) == (20, 0)
     assert (again.imported, again.unchanged) == (0, 20)
-    assert session.scalar(select(func.count()).select_from(Problem).where(Problem.source == "humaneval")) == 20
+    assert (
+        session.scalar(
+            select(func.count()).select_from(Problem).where(Problem.source == "humaneval")
+        )
+        == 20
+    )
 
 
 def test_cli_import_reports_bad_lines_and_keeps_the_rest(tmp_path):
@@ -124,5 +133,7 @@ def test_cli_import_reports_bad_lines_and_keeps_the_rest(tmp_path):
     assert "line 2: field 'prompt'" in result.stderr
     again = subprocess.run([*cli, str(path)], capture_output=True, text=True, env=env, timeout=120)
     assert "imported 0 problems, 1 already stored" in again.stdout
-    missing = subprocess.run([*cli, str(tmp_path / "nope.jsonl")], capture_output=True, text=True, env=env, timeout=120)
+    missing = subprocess.run(
+        [*cli, str(tmp_path / "nope.jsonl")], capture_output=True, text=True, env=env, timeout=120
+    )
     assert missing.returncode == 2 and "no such file" in missing.stderr

@@ -21,7 +21,9 @@ def test_models_round_trip(session):
     loaded = session.get(Candidate, candidate.id)
     assert loaded.problem_id == problem.id and loaded.origin is Origin.GENERATOR
     assert session.get(Problem, problem.id).language == "python"
-    execution = session.scalars(select(Execution).where(Execution.candidate_id == candidate.id)).one()
+    execution = session.scalars(
+        select(Execution).where(Execution.candidate_id == candidate.id)
+    ).one()
     assert execution.verdict is Verdict.WRONG_ANSWER
     assert session.scalar(select(Score.score).where(Score.candidate_id == candidate.id)) == 0.25
 
@@ -36,7 +38,11 @@ def test_relationships_refuse_lazy_loads(session):
 def test_insert_candidates_is_idempotent(session):
     problem = make_problem(session)
     rows = [
-        {"problem_id": problem.id, "code": f"def add(a, b): return a + {i}", "origin": Origin.MUTATION}
+        {
+            "problem_id": problem.id,
+            "code": f"def add(a, b): return a + {i}",
+            "origin": Origin.MUTATION,
+        }
         for i in range(5)
     ]
     first = insert_candidates(session, rows)
@@ -51,7 +57,10 @@ def test_insert_executions_keeps_the_first_verdict(session):
     row = {"candidate_id": candidate.id, "verdict": Verdict.OK, "passed": 3, "total": 3}
     assert insert_executions(session, [row]) == 1
     assert insert_executions(session, [{**row, "verdict": Verdict.RUNTIME_ERROR}]) == 0
-    assert session.scalar(select(Execution.verdict).where(Execution.candidate_id == candidate.id)) == Verdict.OK
+    assert (
+        session.scalar(select(Execution.verdict).where(Execution.candidate_id == candidate.id))
+        == Verdict.OK
+    )
 
 
 def test_one_active_training_run_per_kind(session):
@@ -71,7 +80,11 @@ def _insert_same_batch(url: str, problem_id: int, barrier) -> list[int]:
 
     engine = make_engine(url)
     rows = [
-        {"problem_id": problem_id, "code": f"def add(a, b):\n    return a - {i}\n", "origin": Origin.MUTATION}
+        {
+            "problem_id": problem_id,
+            "code": f"def add(a, b):\n    return a - {i}\n",
+            "origin": Origin.MUTATION,
+        }
         for i in range(500)
     ]
     with Session(engine) as session:
@@ -95,7 +108,9 @@ def test_concurrent_bulk_inserts_do_not_duplicate(pg_url, pg_engine):
         first, second = pool.starmap(_insert_same_batch, [(pg_url, problem_id, barrier)] * 2)
     assert first == second
     with Session(pg_engine) as session:
-        stored = session.scalars(select(Candidate.content_hash).where(Candidate.problem_id == problem_id)).all()
+        stored = session.scalars(
+            select(Candidate.content_hash).where(Candidate.problem_id == problem_id)
+        ).all()
         assert len(stored) == 500 == len(set(stored))
         session.execute(Problem.__table__.delete().where(Problem.id == problem_id))
         session.commit()
