@@ -9,18 +9,22 @@ from rich.table import Table
 from sqlalchemy import func, select
 
 from app import migrate
+from app.dataset_cli import dataset_app
 from app.db import session_scope
 from app.problem_import import humaneval_rows, read_problem_file, upsert_problems
 from app.sandbox_cli import sandbox_app
 from models import Candidate, Execution, HardNegativeLabel, Iteration, ModelVersion, Problem
 
-app = typer.Typer(help="RewardRanker flywheel: generate, execute, rerank, retrain.", no_args_is_help=True)
+app = typer.Typer(
+    help="RewardRanker flywheel: generate, execute, rerank, retrain.", no_args_is_help=True
+)
 db_app = typer.Typer(help="The candidate store's schema.", no_args_is_help=True)
 problems_app = typer.Typer(help="Problems and their tests.", no_args_is_help=True)
 store_app = typer.Typer(help="The candidate store.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 app.add_typer(problems_app, name="problems")
 app.add_typer(store_app, name="store")
+app.add_typer(dataset_app, name="dataset")
 app.add_typer(sandbox_app, name="sandbox")
 
 console = Console()
@@ -36,7 +40,9 @@ def db_upgrade(revision: str = "head") -> None:
 
 @problems_app.command("import")
 def problems_import(
-    source: Annotated[str, typer.Argument(help="'humaneval' or a JSONL file (MultiPL-E or native).")],
+    source: Annotated[
+        str, typer.Argument(help="'humaneval' or a JSONL file (MultiPL-E or native).")
+    ],
 ) -> None:
     """Import problems; re-importing is harmless. Bad lines are reported, good ones kept."""
     migrate.upgrade()
@@ -45,7 +51,9 @@ def problems_import(
     else:
         path = Path(source)
         if not path.is_file():
-            err_console.print(f"error: {source}: no such file (expected 'humaneval' or a JSONL file)")
+            err_console.print(
+                f"error: {source}: no such file (expected 'humaneval' or a JSONL file)"
+            )
             raise typer.Exit(2)
         rows, errors = read_problem_file(path)
     with session_scope() as session:

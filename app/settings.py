@@ -30,6 +30,9 @@ class Settings(BaseSettings):
     reward_model: str = Field(
         BUNDLED_MODEL, description="Backbone of the reward model: model id, folder or GGUF file."
     )
+    dvc_remote: str = Field(
+        "", description="DVC remote URL of the dataset repo; empty: a folder in the data root."
+    )
     retrain_threshold: int = Field(
         32, ge=1, description="New hard negatives that trigger one reward-model retraining."
     )
@@ -49,7 +52,9 @@ class Settings(BaseSettings):
     @classmethod
     def _known_database(cls, value: str) -> str:
         if value and not value.startswith(("sqlite", "postgresql")):
-            raise ValueError(f"RR_DATABASE_URL must be sqlite:// or postgresql+psycopg://, got {value!r}")
+            raise ValueError(
+                f"RR_DATABASE_URL must be sqlite:// or postgresql+psycopg://, got {value!r}"
+            )
         return value
 
     @model_validator(mode="after")
