@@ -11,6 +11,7 @@ from sqlalchemy import func, select
 from app import migrate
 from app.dataset_cli import dataset_app
 from app.db import session_scope
+from app.flywheel_cli import flywheel_app, status, train_app, worker
 from app.problem_import import humaneval_rows, read_problem_file, upsert_problems
 from app.sandbox_cli import sandbox_app
 from models import Candidate, Execution, HardNegativeLabel, Iteration, ModelVersion, Problem
@@ -26,6 +27,10 @@ app.add_typer(problems_app, name="problems")
 app.add_typer(store_app, name="store")
 app.add_typer(dataset_app, name="dataset")
 app.add_typer(sandbox_app, name="sandbox")
+app.add_typer(flywheel_app, name="flywheel")
+app.add_typer(train_app, name="train")
+app.command("status")(status)
+app.command("worker")(worker)
 
 console = Console()
 err_console = Console(stderr=True)

@@ -1,0 +1,365 @@
+"""`rewardranker flywheel run`, `train`, `status` and `worker`."""
+
+import json
+import time
+from datetime import timedelta
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+)
+from rich.table import Table
+from sqlalchemy import func, or_, select
+
+from app import migrate
+from app.db import session_scope
+from app.flywheel import FlywheelParams, iteration_rows, open_iteration, problem_progress, reconcile
+from app.settings import get_settings
+from models import Iteration, ModelVersion, Problem, TrainingRun
+from models.enums import IterationStatus, ModelKind, RunKind, RunStatus
+
+flywheel_app = typer.Typer(help="The flywheel's main job.", no_args_is_help=True)
+train_app = typer.Typer(help="Enqueue a training onto the `training` queue.", no_args_is_help=True)
+
+console = Console()
+err_console = Console(stderr=True)
+
+STALL_S = 45.0
+"""Seconds without any progress after which the driver reconciles (re-enqueues lost work)."""
+STALE_RUN = timedelta(minutes=10)
+"""A running training whose heartbeat is older than this lost its worker."""
+QUEUE_GROUPS = (("generation",), ("execution",), ("labeling",), ("training",))
+
+
+# --- worker ------------------------------------------------------------------------
+
+
+def worker(
+    queues: Annotated[str, typer.Option(help="Comma-separated queues to consume.")] = (
+        "generation,execution,labeling,training"
+    ),
+    concurrency: Annotated[int, typer.Option(min=1, help="Pool processes.")] = 1,
+    pool: Annotated[str, typer.Option(help="prefork, solo or threads.")] = "prefork",
+    loglevel: Annotated[str, typer.Option(help="Celery log level.")] = "INFO",
+) -> None:
+    """Run a Celery worker on QUEUES (what the compose file and the main job start)."""
+    from workers.celery_app import celery
+
+    celery.worker_main(
+        [
+            "worker",
+            "--queues", queues,
+            "--concurrency", str(concurrency),
+            "--pool", pool,
+            "--loglevel", loglevel,
+            "--hostname", f"{queues.replace(',', '+')}-%i@%h",
+            # No broadcast chatter: the store, not worker gossip, holds the state.
+            "--without-gossip", "--without-mingle", "--without-heartbeat",
+        ]
+    )  # fmt: skip
+
+
+# --- train ------------------------------------------------------------------------------
+
+
+def _enqueue_and_follow(kind: RunKind, wait: bool) -> None:
+    from workers.control import enqueue_training, follow_run
+
+    migrate.upgrade()
+    with session_scope() as session:
+        iteration_id = session.scalar(select(func.max(Iteration.id)))
+        if kind == RunKind.POLICY and iteration_id is None:
+            err_console.print(
+                "error: a policy update needs an iteration (run `flywheel run` first)"
+            )
+            raise typer.Exit(2)
+        run, created = enqueue_training(session, kind, iteration_id=iteration_id)
+        run_id = run.id
+    console.print(
+        f"training run {run_id} ({kind.value}) {'queued' if created else 'already active'}"
+    )
+    if not wait:
+        return
+    with Progress(
+        TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
+        TimeElapsedColumn(), console=console,
+    ) as bar:  # fmt: skip
+        task = bar.add_task(f"{kind.value} run {run_id}", total=1.0)
+
+        def show(row: TrainingRun) -> None:
+            bar.update(
+                task,
+                completed=row.progress,
+                description=f"{kind.value} run {run_id}: {row.status.value}",
+            )
+
+        final = follow_run(run_id, show)
+    if final.status != RunStatus.SUCCEEDED:
+        err_console.print(f"run {run_id} {final.status.value}: {final.error or ''}")
+        raise typer.Exit(1)
+    console.print(f"run {run_id} succeeded: model version {final.result_model_version_id}")
+
+
+@train_app.command("reward")
+def train_reward(
+    wait: Annotated[bool, typer.Option("--wait", help="Follow it to the end.")] = False,
+) -> None:
+    """Enqueue a reward-model retraining and print its run id."""
+    _enqueue_and_follow(RunKind.REWARD, wait)
+
+
+@train_app.command("policy")
+def train_policy(
+    wait: Annotated[bool, typer.Option("--wait", help="Follow it to the end.")] = False,
+) -> None:
+    """Enqueue a policy update of the current generator and print its run id."""
+    _enqueue_and_follow(RunKind.POLICY, wait)
+
+
+# --- status -------------------------------------------------------------------------------
+
+
+def status_report() -> dict[str, Any]:
+    """Queues, iterations, counts and current models as one JSON-ready object."""
+    from workers.celery_app import QUEUES, celery
+
+    with session_scope() as session:
+        models = {
+            kind.value: session.scalars(
+                select(ModelVersion.id)
+                .where(ModelVersion.kind == kind)
+                .order_by(ModelVersion.id.desc())
+            ).first()
+            for kind in ModelKind
+        }
+        runs = [
+            {"id": r.id, "kind": r.kind.value, "status": r.status.value, "progress": r.progress,
+             "iteration_id": r.iteration_id, "error": r.error}
+            for r in session.scalars(select(TrainingRun).order_by(TrainingRun.id.desc()).limit(10))
+        ]  # fmt: skip
+        iterations = iteration_rows(session)
+        problems = session.scalar(select(func.count()).select_from(Problem))
+    queues: dict[str, int | None] = {}
+    try:
+        with celery.connection_for_read() as connection:
+            channel = connection.default_channel
+            for name in QUEUES:
+                queues[name] = channel.queue_declare(queue=name, passive=True).message_count
+    except Exception as error:  # the broker may be down; status still reports the store
+        queues = {name: None for name in QUEUES} | {"error": str(error)}
+    return {
+        "problems": problems,
+        "queues": queues,
+        "models": models,
+        "runs": runs,
+        "iterations": iterations,
+    }
+
+
+def status(
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object.")] = False,
+) -> None:
+    """Queues, iterations, counts and the current model versions."""
+    migrate.upgrade()
+    report = status_report()
+    if as_json:
+        print(json.dumps(report, default=str))
+        return
+    console.print(f"problems: {report['problems']}  models: {report['models']}")
+    console.print("queues: " + ", ".join(f"{k}={v}" for k, v in report["queues"].items()))
+    for run in report["runs"][:5]:
+        console.print(f"run {run['id']} {run['kind']} {run['status']} {run['progress']:.0%}")
+    print_report(report["iterations"])
+
+
+def print_report(rows: list[dict[str, Any]]) -> None:
+    table = Table(
+        "iter", "status", "candidates", "verdicts", "hard neg", "RM acc",
+        "pass@1 random / reranked / oracle", "gen", "RM", "dvc", title="iterations",
+    )  # fmt: skip
+    for row in rows:
+        verdicts = " ".join(f"{k[:2]}={v}" for k, v in sorted(row["verdicts"].items()))
+        accuracy = row["reward_accuracy"]
+        passes = "; ".join(
+            f"{language}: {_fmt(m.get('random_pass1'))} / {_fmt(m.get('reranked_pass1'))} / "
+            f"{_fmt(m.get('oracle_pass_n'))}"
+            for language, m in row["evaluation"].items()
+        )
+        table.add_row(
+            str(row["number"]), row["status"], str(row["candidates"]), verdicts,
+            str(row["hard_negatives"]), _fmt(accuracy), passes or "-",
+            str(row["generator_version"]), str(row["reward_model_version"]), row["dvc_tag"] or "-",
+        )  # fmt: skip
+    console.print(table)
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+# --- flywheel run --------------------------------------------------------------------------
+
+
+@flywheel_app.command("run")
+def flywheel_run(
+    backend: Annotated[
+        str, typer.Option(help="transformers (the bundled model) or mutation.")
+    ] = "transformers",
+    problems: Annotated[int, typer.Option(min=1, help="Problems per iteration.")] = 10,
+    candidates: Annotated[int, typer.Option(min=1, help="Candidates per problem.")] = 8,
+    iterations: Annotated[
+        int, typer.Option(min=1, help="Stop once this many iterations are done.")
+    ] = 2,
+    continuous: Annotated[bool, typer.Option(help="Keep going as new problems arrive.")] = False,
+    policy_steps: Annotated[
+        int, typer.Option(min=0, help="PPO steps per policy update; 0 skips it.")
+    ] = 2,
+    start_workers: Annotated[
+        bool, typer.Option(help="Start and stop worker processes here.")
+    ] = True,
+) -> None:
+    """Run the flywheel; re-running resumes an interrupted run (nothing lost or done twice)."""
+    from workers.processes import start_worker, stop_worker
+
+    if backend not in ("transformers", "mutation"):
+        raise typer.BadParameter("--backend must be transformers or mutation")
+    migrate.upgrade()
+    _import_humaneval_if_empty()
+    params = FlywheelParams(backend=backend, candidates=candidates, policy_steps=policy_steps)
+    log_dir = get_settings().data_dir.resolve() / "logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    groups = QUEUE_GROUPS if start_workers else ()
+    workers = [start_worker(q, log_path=log_dir / f"worker-{q[0]}.log") for q in groups]
+    started = time.monotonic()
+    try:
+        _drive(params, problems, iterations, continuous)
+    finally:
+        for process in workers:
+            stop_worker(process)
+    with session_scope() as session:
+        rows = iteration_rows(session)
+    print_report(rows)
+    console.print(f"wall time {time.monotonic() - started:.0f}s; worker logs in {log_dir}")
+
+
+def _import_humaneval_if_empty() -> None:
+    from app.problem_import import humaneval_rows, upsert_problems
+
+    with session_scope() as session:
+        if session.scalar(select(func.count()).select_from(Problem)):
+            return
+        report = upsert_problems(session, humaneval_rows())
+    console.print(f"imported {report.imported} HumanEval problems")
+
+
+def _drive(params: FlywheelParams, size: int, iterations: int, continuous: bool) -> None:
+    """Finish any unfinished iteration, then open new ones until done."""
+    while True:
+        with session_scope() as session:
+            unfinished = session.scalar(
+                select(Iteration.id)
+                .where(Iteration.status != IterationStatus.DONE)
+                .order_by(Iteration.number)
+            )
+            done = session.scalar(
+                select(func.count())
+                .select_from(Iteration)
+                .where(Iteration.status == IterationStatus.DONE)
+            )
+            if unfinished is None and (continuous or done < iterations):
+                problem_ids = _next_problems(session, size, fresh_only=continuous and done > 0)
+                if problem_ids:
+                    unfinished = open_iteration(session, problem_ids, params).id
+        if unfinished is not None:
+            wait_for_iteration(unfinished)
+        elif continuous:
+            time.sleep(10)  # waiting for new problems
+        else:
+            return
+
+
+def _next_problems(session, size: int, *, fresh_only: bool) -> list[int]:
+    """The first `size` problems with tests; in continuous mode after the first
+    iteration, only problems no iteration has used yet."""
+    query = select(Problem.id).where(or_(Problem.tests != "", Problem.io_cases.is_not(None)))
+    if fresh_only:
+        used = {
+            p
+            for ids in session.scalars(select(Iteration.params))
+            for p in ids.get("problem_ids", [])
+        }
+        query = query.where(Problem.id.not_in(used)) if used else query
+    return list(session.scalars(query.order_by(Problem.id).limit(size)))
+
+
+def wait_for_iteration(iteration_id: int, *, show: bool = True, stall_s: float = STALL_S) -> None:
+    """Follow the iteration with one progress bar per stage until it is done;
+    reconcile first, and again whenever nothing moved for `stall_s`."""
+    with session_scope() as session:
+        reconcile(session, stale_after=STALE_RUN)
+    last_change, last_state = time.monotonic(), None
+    with Progress(
+        TextColumn("{task.description:<28}"), BarColumn(), MofNCompleteColumn(),
+        TimeElapsedColumn(), console=console, disable=not show,
+    ) as bars:  # fmt: skip
+        stages = {
+            name: bars.add_task(name, total=None)
+            for name in ("generation", "execution", "labeling", "training")
+        }
+        while True:
+            with session_scope() as session:
+                iteration = session.get(Iteration, iteration_id)
+                progress = problem_progress(session, iteration)
+                run = session.scalars(
+                    select(TrainingRun)
+                    .where(TrainingRun.iteration_id == iteration_id)
+                    .order_by(TrainingRun.id.desc())
+                ).first()
+                state = (
+                    iteration.status,
+                    tuple(progress.values()),
+                    run and (run.id, run.status, run.progress),
+                )
+            _update_bars(bars, stages, iteration, progress, run)
+            if iteration.status == IterationStatus.DONE:
+                return
+            if state != last_state:
+                last_change, last_state = time.monotonic(), state
+            elif time.monotonic() - last_change > stall_s:
+                with session_scope() as session:
+                    reconcile(session, stale_after=STALE_RUN)
+                last_change = time.monotonic()
+            time.sleep(1.0)
+
+
+def _update_bars(bars: Progress, stages: dict[str, TaskID], iteration, progress, run) -> None:
+    number = iteration.number
+    bars.update(
+        stages["generation"],
+        description=f"iter {number} generation (problems)",
+        completed=progress["generated"],
+        total=progress["problems"],
+    )
+    bars.update(
+        stages["execution"],
+        description=f"iter {number} execution",
+        completed=progress["executed"],
+        total=progress["candidates"] or None,
+    )
+    bars.update(
+        stages["labeling"],
+        description=f"iter {number} labeling",
+        completed=progress["scored"],
+        total=progress["judgeable"] or None,
+    )
+    if run is not None:
+        label = "warm-start reward" if run.params.get("warm_start") else run.kind.value
+        bars.update(stages["training"], description=f"iter {number} {label} ({run.status.value})",
+                    completed=round(run.progress * 100), total=100)  # fmt: skip

@@ -1,0 +1,54 @@
+"""Start and stop real worker processes (`rewardranker worker`), for the main job,
+the tests and the benchmark. Each is its own process group, so stopping it
+also stops its pool children."""
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+CLI = str(Path(sys.executable).with_name("rewardranker"))
+
+
+def start_worker(
+    queues: Sequence[str],
+    *,
+    concurrency: int = 1,
+    env: Mapping[str, str] | None = None,
+    log_path: Path | None = None,
+) -> subprocess.Popen:
+    """A `rewardranker worker` process consuming `queues`, logging to `log_path`."""
+    command = [CLI, "worker", "--queues", ",".join(queues), "--concurrency", str(concurrency)]
+    log = open(log_path, "ab") if log_path else subprocess.DEVNULL  # noqa: SIM115 (the child keeps it)
+    try:
+        return subprocess.Popen(
+            command,
+            env={**os.environ, **(env or {})},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    finally:
+        if log_path:
+            log.close()
+
+
+def stop_worker(process: subprocess.Popen, *, timeout_s: float = 20.0) -> None:
+    """Warm shutdown (SIGTERM: finish the current task), then SIGKILL the group."""
+    if process.poll() is not None:
+        return
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        kill_worker(process)
+
+
+def kill_worker(process: subprocess.Popen) -> None:
+    """SIGKILL the worker and its pool children at once, as a crashed machine would."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
