@@ -1,0 +1,394 @@
+"""Stage C: update the generator against the reward model, with PPO or GRPO.
+
+PPO is the paper's choice. It trains a policy against a reward model with a value
+model as critic and a frozen reference policy as KL anchor, using TRL's
+`trl.experimental.ppo.PPOTrainer`; TRL 1.13 deleted it, hence the `trl<1.13` pin.
+GRPO is TRL's maintained PPO-clip trainer: no value model, the baseline is the mean
+reward of several completions of the same prompt, and the sandbox verdict can join
+the reward model as a second reward.
+
+The policy completes each problem's prompt as plain text: the reward model scores
+prompt + completion, and the sandbox runs prompt + completion before the tests.
+"""
+
+import json
+import shutil
+import time
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+from datasets import Dataset
+from sqlalchemy.orm import Session
+from transformers import PreTrainedTokenizerBase, Trainer, TrainerCallback
+from trl import GRPOConfig, GRPOTrainer
+
+from models import ModelVersion
+from models.enums import Language, ModelKind
+from pipelines.generation import PromptSpec, cut_at_stop
+from pipelines.loading import (
+    load_causal_lm,
+    load_sequence_classifier,
+    load_tokenizer,
+    resolve_model,
+)
+from pipelines.reward_model import RewardScorer
+from pipelines.sandbox import Job, run_batch
+
+ALGOS = ("ppo", "grpo")
+
+
+@dataclass
+class PolicyConfig:
+    """Hyperparameters of one policy update; stored with the new generator."""
+
+    algo: Literal["ppo", "grpo"] = field(
+        default="ppo",
+        metadata={
+            "help": "`ppo`: TRL's experimental PPOTrainer with a value model (the paper's method); "
+            "`grpo`: TRL's GRPOTrainer, group-relative baseline, no value model."
+        },
+    )
+    steps: int = field(
+        default=16,
+        metadata={"help": "Policy updates: PPO rollout batches, GRPO optimizer steps."},
+    )
+    learning_rate: float = field(
+        default=1e-6, metadata={"help": "AdamW learning rate of the policy (and value model)."}
+    )
+    batch_size: int = field(
+        default=4,
+        metadata={
+            "help": "Prompts per update; GRPO samples `num_generations` completions of each, "
+            "PPO one. Capped at the number of prompts."
+        },
+    )
+    num_generations: int = field(
+        default=4,
+        metadata={"help": "GRPO: completions per prompt whose rewards are compared (at least 2)."},
+    )
+    max_new_tokens: int = field(
+        default=256, metadata={"help": "Most tokens sampled per completion."}
+    )
+    temperature: float = field(
+        default=0.7, metadata={"help": "Sampling temperature of the rollouts."}
+    )
+    kl_coef: float = field(
+        default=0.05,
+        metadata={
+            "help": "Weight of the KL penalty that keeps the policy near the generator it "
+            "started from (PPO `kl_coef`, GRPO `beta`)."
+        },
+    )
+    verdict_reward: bool = field(
+        default=False,
+        metadata={
+            "help": "GRPO only: add the sandbox verdict (1.0 when the tests pass, else 0.0) as a "
+            "second reward; needs every prompt's tests."
+        },
+    )
+    seed: int = field(
+        default=0, metadata={"help": "Seed of sampling, shuffling and initialisation."}
+    )
+
+    def __post_init__(self) -> None:
+        if self.algo not in ALGOS:
+            raise ValueError(
+                f"unknown policy algo {self.algo!r}: expected one of {', '.join(ALGOS)}"
+            )
+        if self.verdict_reward and self.algo != "grpo":
+            raise ValueError("verdict_reward needs algo 'grpo': PPO takes a single reward model")
+        if self.algo == "grpo" and self.num_generations < 2:
+            raise ValueError(
+                "GRPO compares completions: num_generations must be at least 2, "
+                f"got {self.num_generations}"
+            )
+        if self.steps < 1 or self.batch_size < 1 or self.max_new_tokens < 1:
+            raise ValueError("steps, batch_size and max_new_tokens must be positive")
+
+
+class ProgressCallback(TrainerCallback):
+    """Reports the fraction of updates done after each one (stored on the TrainingRun row)."""
+
+    def __init__(self, report: Callable[[float], None]) -> None:
+        self.report = report
+
+    def on_step_end(self, args, state, control, **kwargs) -> None:
+        self.report(state.global_step / state.max_steps)
+
+
+class RewardModelScore:
+    """GRPO reward: the reward model's score of each completion, computed exactly as the
+    store scores candidates (`RewardScorer` on prompt + completion cut at the language's
+    stop sequences), so the policy climbs the ranking that best-of-N uses."""
+
+    __name__ = "reward_model"  # TRL names the logged metric `rewards/<__name__>/mean`
+
+    def __init__(self, reward_model: str) -> None:
+        self.scorer = RewardScorer(reward_model)
+
+    def __call__(
+        self, prompts: list[str], completions: list[str], language: list[str], **_: object
+    ) -> list[float]:
+        codes = [program(*args) for args in zip(prompts, completions, language, strict=True)]
+        return self.scorer.score(prompts, codes)
+
+
+def sandbox_verdict(
+    prompts: list[str], completions: list[str], language: list[str], tests: list[str], **_: object
+) -> list[float]:
+    """GRPO reward: 1.0 when the completed program passes its problem's tests, else 0.0."""
+    # GRPOTrainer passes the dataset's other columns (`language`, `tests`) per completion.
+    jobs = [
+        Job(language=lang, code=program(prompt, completion, lang), tests=test)
+        for prompt, completion, lang, test in zip(
+            prompts, completions, language, tests, strict=True
+        )
+    ]
+    return [1.0 if result.verdict == "OK" else 0.0 for result in run_batch(jobs)]
+
+
+def program(prompt: str, completion: str, language: str) -> str:
+    """The candidate program a completion makes, as generation stores it."""
+    return prompt + cut_at_stop(completion, Language(language))
+
+
+def update_policy(
+    *,
+    generator: str,
+    reward_model: str,
+    prompts: Sequence[PromptSpec],
+    config: PolicyConfig,
+    output_dir: Path,
+    progress: Callable[[float], None] | None = None,
+    tests: Mapping[int, str] | None = None,
+) -> dict:
+    """Train `generator` (a model spec) against `reward_model` on `prompts`, write the
+    new generator with its tokenizer to `output_dir`, and return training metrics.
+
+    `tests` maps problem_id to the problem's test program; the verdict reward needs it."""
+    # 1. check the inputs before minutes of model loading
+    if not prompts:
+        raise ValueError("no prompts to train the policy on")
+    if config.verdict_reward:
+        missing = sorted({p.problem_id for p in prompts if p.problem_id not in (tests or {})})
+        if missing:
+            raise ValueError(
+                f"verdict_reward needs the tests of every prompt; none for problems {missing[:10]}"
+            )
+    resolve_model(generator)  # raise ModelNotFoundError naming a missing spec now
+    resolve_model(reward_model)
+    tokenizer = load_tokenizer(generator)
+    callbacks = [ProgressCallback(progress)] if progress else []
+
+    # 2. train
+    started = time.perf_counter()
+    if config.algo == "ppo":
+        trainer = _ppo_trainer(generator, reward_model, tokenizer, prompts, config, output_dir)
+    else:
+        trainer = _grpo_trainer(
+            generator, reward_model, tokenizer, prompts, config, output_dir, tests
+        )
+    for callback in callbacks:
+        trainer.add_callback(callback)
+    trainer.train()
+    seconds = time.perf_counter() - started
+
+    # 3. save the policy alone (PPO's trainer drops the value model) with the config,
+    # so the folder is a complete generator and says how it was made
+    trainer.save_model(str(output_dir))
+    tokenizer.save_pretrained(output_dir)
+    (output_dir / "policy_config.json").write_text(json.dumps(asdict(config), indent=2))
+    return _metrics(trainer.state.log_history, config, prompts, seconds)
+
+
+def train_and_register_policy(
+    session: Session,
+    *,
+    generator_version: ModelVersion,
+    reward_version: ModelVersion,
+    prompts: Sequence[PromptSpec],
+    config: PolicyConfig,
+    data_dir: Path,
+    iteration_id: int | None = None,
+    progress: Callable[[float], None] | None = None,
+    tests: Mapping[int, str] | None = None,
+) -> ModelVersion:
+    """Update `generator_version` against `reward_version` and register the result as a
+    new generator version (flush only: the caller commits). A failure registers nothing
+    and leaves no folder behind."""
+    if generator_version.kind != ModelKind.GENERATOR:
+        raise ValueError(
+            f"model version {generator_version.id} is a {generator_version.kind} model, "
+            "not a generator"
+        )
+    if reward_version.kind != ModelKind.REWARD:
+        raise ValueError(
+            f"model version {reward_version.id} is a {reward_version.kind} model, "
+            "not a reward model"
+        )
+    name = f"generator-{config.algo}-{uuid.uuid4().hex[:12]}"
+    final_dir = (Path(data_dir) / "models" / "generators" / name).resolve()
+    staging_dir = final_dir.with_name(f".{name}.tmp")
+    try:
+        metrics = update_policy(
+            # a version without a path is its base model as is
+            generator=generator_version.path or generator_version.base_model,
+            reward_model=reward_version.path or reward_version.base_model,
+            prompts=prompts,
+            config=config,
+            output_dir=staging_dir,
+            progress=progress,
+            tests=tests,
+        )
+        staging_dir.rename(final_dir)  # atomic: a registered path is always complete
+    except BaseException:
+        shutil.rmtree(staging_dir, ignore_errors=True)
+        raise
+    version = ModelVersion(
+        kind=ModelKind.GENERATOR,
+        name=name,
+        parent_id=generator_version.id,
+        base_model=generator_version.base_model,
+        path=str(final_dir),
+        metrics={
+            **metrics,
+            "reward_version_id": reward_version.id,
+            "iteration_id": iteration_id,
+            "config": asdict(config),
+        },
+    )
+    session.add(version)
+    try:
+        session.flush()
+    except BaseException:
+        shutil.rmtree(final_dir, ignore_errors=True)  # no folder without its row
+        raise
+    return version
+
+
+def _ppo_trainer(
+    generator: str,
+    reward_model: str,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[PromptSpec],
+    config: PolicyConfig,
+    output_dir: Path,
+) -> Trainer:
+    # Imported only when chosen: importing trl.experimental warns that it is unstable.
+    from trl.experimental.ppo import PPOConfig, PPOTrainer
+
+    # PPO feeds the policy's token ids straight into the reward and value models.
+    if load_tokenizer(reward_model).get_vocab() != tokenizer.get_vocab():
+        raise ValueError(
+            f"reward model {reward_model} has a different tokenizer from generator {generator}: "
+            "PPO needs one shared tokenizer (use algo 'grpo', which re-tokenizes the text)"
+        )
+    batch_size = min(config.batch_size, len(prompts))  # the trainer drops incomplete batches
+    args = PPOConfig(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=batch_size,
+        local_rollout_forward_batch_size=batch_size,
+        total_episodes=config.steps * batch_size,  # one rollout batch per step
+        response_length=config.max_new_tokens,
+        stop_token="eos",
+        temperature=config.temperature,
+        kl_coef=config.kl_coef,
+        learning_rate=config.learning_rate,
+        seed=config.seed,
+        num_sample_generations=0,  # its debug tables need an eval set we do not have
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        bf16=_bf16_available(),
+    )
+    # Left padding: the trainer appends each response right after its query.
+    tokenizer.padding_side = "left"
+    queries = Dataset.from_dict({"input_ids": [tokenizer(p.prompt).input_ids for p in prompts]})
+    return PPOTrainer(
+        args=args,
+        processing_class=tokenizer,
+        model=load_causal_lm(generator),
+        ref_model=load_causal_lm(generator),
+        reward_model=load_sequence_classifier(reward_model),
+        # The critic starts from the reward model, as in TRL's PPO examples: it already
+        # reads code quality, so the value estimates are useful from the first batch.
+        value_model=load_sequence_classifier(reward_model),
+        train_dataset=queries,
+    )
+
+
+def _grpo_trainer(
+    generator: str,
+    reward_model: str,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[PromptSpec],
+    config: PolicyConfig,
+    output_dir: Path,
+    tests: Mapping[int, str] | None,
+) -> Trainer:
+    source = resolve_model(generator)
+    batch_size = min(config.batch_size, len(prompts))  # the trainer drops incomplete batches
+    args = GRPOConfig(
+        output_dir=str(output_dir),
+        max_steps=config.steps,
+        # GRPO's batch counts completions: num_generations per prompt
+        per_device_train_batch_size=batch_size * config.num_generations,
+        num_generations=config.num_generations,
+        max_completion_length=config.max_new_tokens,
+        temperature=config.temperature,
+        beta=config.kl_coef,
+        learning_rate=config.learning_rate,
+        seed=config.seed,
+        # The trainer loads the policy and its reference copy from the location itself;
+        # a GGUF needs its file name for that.
+        model_init_kwargs=source.kwargs or None,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        bf16=_bf16_available(),
+    )
+    # GRPOTrainer hands every column but `prompt` to the reward functions.
+    columns = {"prompt": [p.prompt for p in prompts], "language": [p.language for p in prompts]}
+    reward_funcs: list[Callable[..., list[float]]] = [RewardModelScore(reward_model)]
+    if config.verdict_reward:
+        columns["tests"] = [tests[p.problem_id] for p in prompts]
+        reward_funcs.append(sandbox_verdict)
+    tokenizer.padding_side = "left"  # generation continues each prompt from its right edge
+    return GRPOTrainer(
+        model=source.location,
+        reward_funcs=reward_funcs,
+        args=args,
+        train_dataset=Dataset.from_dict(columns),
+        processing_class=tokenizer,
+    )
+
+
+def _bf16_available() -> bool:
+    # bf16 mixed precision on GPUs that support it; fp32 on CPU and older GPUs.
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
+def _metrics(
+    log_history: list[dict], config: PolicyConfig, prompts: Sequence[PromptSpec], seconds: float
+) -> dict:
+    """The reward model's mean score on the first and last update's rollouts, and the
+    KL to the starting generator at the end: the numbers that say whether it helped."""
+    reward_key = "objective/scores" if config.algo == "ppo" else "rewards/reward_model/mean"
+    kl_key = "objective/kl" if config.algo == "ppo" else "kl"
+    steps = [entry for entry in log_history if reward_key in entry]
+    metrics = {
+        "algo": config.algo,
+        "steps": len(steps),
+        "prompts": len(prompts),
+        "train_seconds": round(seconds, 3),
+        "reward_first": steps[0][reward_key],
+        "reward_last": steps[-1][reward_key],
+        "kl_last": steps[-1].get(kl_key),
+    }
+    if config.verdict_reward:
+        metrics["pass_rate_last"] = steps[-1]["rewards/sandbox_verdict/mean"]
+    return metrics
