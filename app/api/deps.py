@@ -1,0 +1,39 @@
+"""Request-scoped sessions: the transaction is committed at the edge."""
+
+from collections.abc import Iterator
+from typing import Annotated
+
+from fastapi import Depends
+from sqlalchemy.orm import Session
+
+from app.db import get_sessionmaker
+
+
+def write_session() -> Iterator[Session]:
+    """Commits when the endpoint returns and rolls back when it raises, before
+    the response is sent: a 2xx means the change is stored (and only then are
+    follow-up tasks enqueued, by the after-commit hooks of the session)."""
+    session = get_sessionmaker()()
+    try:
+        yield session
+        session.commit()
+    except BaseException:
+        session.rollback()
+        raise
+    finally:
+        session.close()
+
+
+def stream_session() -> Iterator[Session]:
+    """A read-only session that lives until a streamed response has been sent
+    (FastAPI's "request" scope), then is rolled back."""
+    session = get_sessionmaker()()
+    try:
+        yield session
+    finally:
+        session.rollback()
+        session.close()
+
+
+DbSession = Annotated[Session, Depends(write_session, scope="function")]
+StreamSession = Annotated[Session, Depends(stream_session, scope="request")]

@@ -1,0 +1,555 @@
+"""Read queries over the candidate store, shared by the HTTP API, the CLI, the
+report and the dashboard, so that all four answer a question the same way.
+
+Candidates are listed with keyset pagination: the cursor carries the sort key
+of the last row seen, so page 1000 costs what page 1 costs (an OFFSET would
+scan every skipped row)."""
+
+import base64
+import binascii
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Literal
+
+from sqlalchemy import Select, and_, exists, func, select, tuple_
+from sqlalchemy.orm import Session
+
+from models import (
+    Candidate,
+    DatasetVersion,
+    Execution,
+    HardNegativeLabel,
+    Iteration,
+    ModelVersion,
+    Problem,
+    Score,
+    TrainingRun,
+)
+from models.enums import Language, ModelKind, ModelStatus, Origin, Verdict
+
+CandidateSort = Literal["time", "-time", "score", "-score"]
+SORTS: tuple[str, ...] = ("time", "-time", "score", "-score")
+
+# Columns of one row of a candidate listing, in the order CSV and Parquet use.
+CANDIDATE_COLUMNS: tuple[str, ...] = (
+    "id",
+    "problem_id",
+    "task_id",
+    "language",
+    "origin",
+    "iteration",
+    "generator_version_id",
+    "verdict",
+    "tests_passed",
+    "tests_total",
+    "reward_model_version_id",
+    "score",
+    "hard_negative",
+    "created_at",
+)
+
+# Keys of `Iteration.metrics` that the report and dashboard plot; the
+# evaluation stage writes them (see docs/ARCHITECTURE.md, `rerank_metrics`).
+ITERATION_METRIC_KEYS: tuple[str, ...] = (
+    "random_pass1",
+    "reranked_pass1",
+    "oracle_pass_n",
+    "pass_at_k",
+    "reward_pairwise_accuracy",
+)
+
+
+class QueryError(ValueError):
+    """A query that cannot be answered as asked (a bad cursor, an unknown version)."""
+
+
+@dataclass(frozen=True)
+class CandidateFilter:
+    """What `GET /candidates`, `rewardranker candidates list` and the dashboard filter on.
+
+    Scores come from one reward model version: `reward_model_version_id`, or the
+    newest reward model when it is None. Sorting by score, or a score range,
+    lists only candidates that version has scored.
+    """
+
+    problem_id: int | None = None
+    language: Language | None = None
+    iteration: int | None = None  # the iteration's number, as in /iterations/{n}
+    verdict: Verdict | None = None
+    hard_negative: bool | None = None  # labelled by any reward model version
+    origin: Origin | None = None
+    generator_version_id: int | None = None
+    reward_model_version_id: int | None = None
+    min_score: float | None = None
+    max_score: float | None = None
+    sort: CandidateSort = "-time"
+
+
+def encode_cursor(sort: str, key: Any, candidate_id: int) -> str:
+    """An opaque cursor: the sort and the last row's key, so the next page starts after it."""
+    raw = json.dumps({"s": sort, "k": key, "i": candidate_id}, separators=(",", ":"))
+    return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str, sort: str) -> tuple[Any, int]:
+    """The (key, id) a cursor carries; QueryError when it is not one of ours or
+    was made for another sort order."""
+    try:
+        padded = cursor + "=" * (-len(cursor) % 4)
+        data = json.loads(base64.urlsafe_b64decode(padded.encode("ascii")))
+        key, candidate_id = data["k"], data["i"]
+        made_for = data["s"]
+    except (binascii.Error, UnicodeError, ValueError, KeyError, TypeError):
+        raise QueryError("cursor is not valid: pass next_cursor from a previous page") from None
+    if made_for != sort:
+        raise QueryError(f"cursor was made for sort={made_for!r}, not sort={sort!r}")
+    if not isinstance(candidate_id, int) or isinstance(candidate_id, bool):
+        raise QueryError("cursor is not valid: pass next_cursor from a previous page")
+    if sort.endswith("score") and not isinstance(key, int | float):
+        raise QueryError("cursor is not valid: pass next_cursor from a previous page")
+    return key, candidate_id
+
+
+def latest_reward_version_id(session: Session) -> int | None:
+    return session.scalar(
+        select(func.max(ModelVersion.id)).where(ModelVersion.kind == ModelKind.REWARD)
+    )
+
+
+def current_model_version(session: Session, kind: ModelKind) -> ModelVersion | None:
+    """The newest ready model of a kind: what /solve and new iterations use."""
+    return session.scalars(
+        select(ModelVersion)
+        .where(ModelVersion.kind == kind, ModelVersion.status == ModelStatus.READY)
+        .order_by(ModelVersion.id.desc())
+        .limit(1)
+    ).first()
+
+
+def _is_hard_negative():
+    return exists().where(HardNegativeLabel.candidate_id == Candidate.id)
+
+
+def candidate_select(
+    session: Session, flt: CandidateFilter, *, with_code: bool = False
+) -> tuple[Select, int | None]:
+    """The filtered, sorted listing (without cursor or limit) and the reward
+    model version whose scores it shows."""
+    rm_version = flt.reward_model_version_id or latest_reward_version_id(session)
+    score_join = and_(
+        Score.candidate_id == Candidate.id, Score.reward_model_version_id == rm_version
+    )
+    needs_score = (
+        flt.sort.endswith("score") or flt.min_score is not None or flt.max_score is not None
+    )
+    columns = [
+        Candidate.id,
+        Candidate.problem_id,
+        Problem.task_id,
+        Problem.language,
+        Candidate.origin,
+        Iteration.number.label("iteration"),
+        Candidate.generator_version_id,
+        Execution.verdict,
+        Execution.passed.label("tests_passed"),
+        Execution.total.label("tests_total"),
+        Score.reward_model_version_id,
+        Score.score,
+        _is_hard_negative().label("hard_negative"),
+        Candidate.created_at,
+    ]
+    if with_code:
+        columns.append(Candidate.code)
+    query = (
+        select(*columns)
+        .join(Problem, Problem.id == Candidate.problem_id)
+        .outerjoin(Iteration, Iteration.id == Candidate.iteration_id)
+    )
+    query = (
+        query.join(Execution, Execution.candidate_id == Candidate.id)
+        if flt.verdict is not None
+        else query.outerjoin(Execution, Execution.candidate_id == Candidate.id)
+    )
+    query = query.join(Score, score_join) if needs_score else query.outerjoin(Score, score_join)
+
+    if flt.problem_id is not None:
+        query = query.where(Candidate.problem_id == flt.problem_id)
+    if flt.language is not None:
+        query = query.where(Problem.language == flt.language)
+    if flt.iteration is not None:
+        query = query.where(Iteration.number == flt.iteration)
+    if flt.verdict is not None:
+        query = query.where(Execution.verdict == flt.verdict)
+    if flt.hard_negative is not None:
+        query = query.where(_is_hard_negative() if flt.hard_negative else ~_is_hard_negative())
+    if flt.origin is not None:
+        query = query.where(Candidate.origin == flt.origin)
+    if flt.generator_version_id is not None:
+        query = query.where(Candidate.generator_version_id == flt.generator_version_id)
+    if flt.min_score is not None:
+        query = query.where(Score.score >= flt.min_score)
+    if flt.max_score is not None:
+        query = query.where(Score.score <= flt.max_score)
+
+    if flt.sort == "time":
+        query = query.order_by(Candidate.id)
+    elif flt.sort == "-time":
+        # Ids come from a sequence, so id order is insertion (creation) order,
+        # and the primary key index serves it.
+        query = query.order_by(Candidate.id.desc())
+    elif flt.sort == "score":
+        query = query.order_by(Score.score, Candidate.id)
+    else:
+        query = query.order_by(Score.score.desc(), Candidate.id.desc())
+    return query, rm_version
+
+
+def _after_cursor(query: Select, sort: str, cursor: str) -> Select:
+    key, last_id = decode_cursor(cursor, sort)
+    if sort == "time":
+        return query.where(Candidate.id > last_id)
+    if sort == "-time":
+        return query.where(Candidate.id < last_id)
+    if sort == "score":
+        return query.where(tuple_(Score.score, Candidate.id) > tuple_(key, last_id))
+    return query.where(tuple_(Score.score, Candidate.id) < tuple_(key, last_id))
+
+
+def _row_dict(row: Any) -> dict[str, Any]:
+    data = dict(row._mapping)
+    for name in ("language", "origin", "verdict"):
+        if data.get(name) is not None:
+            data[name] = str(data[name])
+    return data
+
+
+@dataclass
+class CandidatePage:
+    items: list[dict[str, Any]]
+    next_cursor: str | None
+    reward_model_version_id: int | None
+
+
+def list_candidates(
+    session: Session, flt: CandidateFilter, *, limit: int = 50, cursor: str | None = None
+) -> CandidatePage:
+    """One page of candidates; `next_cursor` is None on the last page."""
+    query, rm_version = candidate_select(session, flt)
+    if cursor:
+        query = _after_cursor(query, flt.sort, cursor)
+    rows = [_row_dict(row) for row in session.execute(query.limit(limit + 1))]
+    next_cursor = None
+    if len(rows) > limit:
+        rows = rows[:limit]
+        last = rows[-1]
+        next_cursor = encode_cursor(
+            flt.sort, last["score"] if flt.sort.endswith("score") else None, last["id"]
+        )
+    return CandidatePage(rows, next_cursor, rm_version)
+
+
+def iter_candidates(
+    session: Session,
+    flt: CandidateFilter,
+    *,
+    cursor: str | None = None,
+    with_code: bool = True,
+    chunk_size: int = 2000,
+) -> Iterator[list[dict[str, Any]]]:
+    """Every matching candidate, in chunks, read through a server-side cursor:
+    memory stays bounded by one chunk however many rows match."""
+    query, _ = candidate_select(session, flt, with_code=with_code)
+    if cursor:
+        query = _after_cursor(query, flt.sort, cursor)
+    result = session.execute(query.execution_options(stream_results=True, yield_per=chunk_size))
+    for partition in result.partitions():
+        yield [_row_dict(row) for row in partition]
+
+
+def candidate_detail(session: Session, candidate_id: int) -> dict[str, Any] | None:
+    """Everything known about one candidate: code, execution, scores, labels, lineage."""
+    candidate = session.get(Candidate, candidate_id)
+    if candidate is None:
+        return None
+    problem = session.get(Problem, candidate.problem_id)
+    execution = session.scalars(
+        select(Execution).where(Execution.candidate_id == candidate_id)
+    ).first()
+    scores = session.execute(
+        select(Score.reward_model_version_id, ModelVersion.name, Score.score, Score.created_at)
+        .join(ModelVersion, ModelVersion.id == Score.reward_model_version_id)
+        .where(Score.candidate_id == candidate_id)
+        .order_by(Score.reward_model_version_id)
+    ).all()
+    labels = session.execute(
+        select(
+            HardNegativeLabel.reward_model_version_id,
+            HardNegativeLabel.rule,
+            Iteration.number,
+            HardNegativeLabel.iteration_id,
+            HardNegativeLabel.created_at,
+        )
+        .outerjoin(Iteration, Iteration.id == HardNegativeLabel.iteration_id)
+        .where(HardNegativeLabel.candidate_id == candidate_id)
+        .order_by(HardNegativeLabel.id)
+    ).all()
+    generator = (
+        session.get(ModelVersion, candidate.generator_version_id)
+        if candidate.generator_version_id is not None
+        else None
+    )
+    iteration = (
+        session.get(Iteration, candidate.iteration_id)
+        if candidate.iteration_id is not None
+        else None
+    )
+    # The datasets exported by the iteration that produced the candidate and by
+    # the iterations that labelled it a hard negative carry it as training data.
+    iteration_ids = {candidate.iteration_id} | {label.iteration_id for label in labels}
+    iteration_ids.discard(None)
+    datasets = session.scalars(
+        select(DatasetVersion)
+        .where(DatasetVersion.iteration_id.in_(iteration_ids))
+        .order_by(DatasetVersion.iteration_id)
+    ).all()
+    return {
+        "id": candidate.id,
+        "problem": {
+            "id": problem.id,
+            "source": problem.source,
+            "task_id": problem.task_id,
+            "language": str(problem.language),
+            "prompt": problem.prompt,
+        },
+        "code": candidate.code,
+        "origin": str(candidate.origin),
+        "num_tokens": candidate.num_tokens,
+        "created_at": candidate.created_at,
+        "execution": None
+        if execution is None
+        else {
+            "verdict": str(execution.verdict),
+            "tests_passed": execution.passed,
+            "tests_total": execution.total,
+            "duration_ms": execution.duration_ms,
+            "peak_memory_kb": execution.peak_memory_kb,
+            "stdout_tail": execution.stdout_tail,
+            "stderr_tail": execution.stderr_tail,
+            "attempts": execution.attempts,
+        },
+        "scores": [
+            {"reward_model_version_id": v, "reward_model_name": n, "score": s, "created_at": t}
+            for v, n, s, t in scores
+        ],
+        "hard_negative_labels": [
+            {"reward_model_version_id": v, "rule": r, "iteration": n, "created_at": t}
+            for v, r, n, _, t in labels
+        ],
+        "lineage": {
+            "generator": None if generator is None else model_dict(generator),
+            "iteration": None if iteration is None else iteration.number,
+            "dataset_versions": [dataset_dict(d) for d in datasets],
+        },
+    }
+
+
+def model_dict(version: ModelVersion) -> dict[str, Any]:
+    return {
+        "id": version.id,
+        "kind": str(version.kind),
+        "name": version.name,
+        "parent_id": version.parent_id,
+        "base_model": version.base_model,
+        "path": version.path,
+        "status": str(version.status),
+        "metrics": version.metrics,
+        "created_at": version.created_at,
+    }
+
+
+def dataset_dict(dataset: DatasetVersion) -> dict[str, Any]:
+    return {
+        "id": dataset.id,
+        "iteration_id": dataset.iteration_id,
+        "dvc_tag": dataset.dvc_tag,
+        "git_rev": dataset.git_rev,
+        "md5": dataset.md5,
+        "path": dataset.path,
+        "counts": dataset.counts,
+    }
+
+
+def list_models(session: Session, kind: ModelKind | None = None) -> list[dict[str, Any]]:
+    query = select(ModelVersion).order_by(ModelVersion.id)
+    if kind is not None:
+        query = query.where(ModelVersion.kind == kind)
+    return [model_dict(version) for version in session.scalars(query)]
+
+
+def problem_dict(problem: Problem, *, full: bool = False) -> dict[str, Any]:
+    data: dict[str, Any] = {
+        "id": problem.id,
+        "source": problem.source,
+        "task_id": problem.task_id,
+        "language": str(problem.language),
+        "entry_point": problem.entry_point,
+        "created_at": problem.created_at,
+    }
+    if full:
+        data |= {
+            "prompt": problem.prompt,
+            "tests": problem.tests,
+            "reference_solution": problem.reference_solution,
+            "io_cases": problem.io_cases,
+        }
+    return data
+
+
+def list_problems(
+    session: Session,
+    *,
+    language: Language | None = None,
+    source: str | None = None,
+    after_id: int | None = None,
+    limit: int = 100,
+) -> list[dict[str, Any]]:
+    """Problems in id order; pass the last id seen as `after_id` for the next page."""
+    query = select(Problem).order_by(Problem.id).limit(limit)
+    if language is not None:
+        query = query.where(Problem.language == language)
+    if source is not None:
+        query = query.where(Problem.source == source)
+    if after_id is not None:
+        query = query.where(Problem.id > after_id)
+    return [problem_dict(problem) for problem in session.scalars(query)]
+
+
+def _counts_by_iteration(session: Session, query: Select) -> dict[int, int]:
+    return {iteration_id: count for iteration_id, count in session.execute(query)}
+
+
+def iteration_summaries(session: Session) -> list[dict[str, Any]]:
+    """Every iteration with its metrics, candidate and hard-negative counts and
+    verdict mix: what `GET /iterations`, the CLI and the report show."""
+    iterations = session.scalars(select(Iteration).order_by(Iteration.number)).all()
+    candidates = _counts_by_iteration(
+        session,
+        select(Candidate.iteration_id, func.count())
+        .where(Candidate.iteration_id.is_not(None))
+        .group_by(Candidate.iteration_id),
+    )
+    hard_negatives = _counts_by_iteration(
+        session,
+        select(
+            HardNegativeLabel.iteration_id,
+            func.count(func.distinct(HardNegativeLabel.candidate_id)),
+        )
+        .where(HardNegativeLabel.iteration_id.is_not(None))
+        .group_by(HardNegativeLabel.iteration_id),
+    )
+    verdicts: dict[int, dict[str, int]] = {}
+    # executions.iteration_id copies the candidate's, so this needs no join.
+    for iteration_id, verdict, count in session.execute(
+        select(Execution.iteration_id, Execution.verdict, func.count())
+        .where(Execution.iteration_id.is_not(None))
+        .group_by(Execution.iteration_id, Execution.verdict)
+    ):
+        verdicts.setdefault(iteration_id, {})[str(verdict)] = count
+    return [
+        {
+            **_iteration_dict(iteration),
+            "candidates": candidates.get(iteration.id, 0),
+            "hard_negatives": hard_negatives.get(iteration.id, 0),
+            "verdicts": verdicts.get(iteration.id, {}),
+        }
+        for iteration in iterations
+    ]
+
+
+def _iteration_dict(iteration: Iteration) -> dict[str, Any]:
+    return {
+        "number": iteration.number,
+        "status": str(iteration.status),
+        "generator_version_id": iteration.generator_version_id,
+        "reward_model_version_id": iteration.reward_model_version_id,
+        "params": iteration.params,
+        "metrics": iteration.metrics,
+        "created_at": iteration.created_at,
+        "finished_at": iteration.finished_at,
+    }
+
+
+def iteration_detail(session: Session, number: int) -> dict[str, Any] | None:
+    iteration = session.scalars(select(Iteration).where(Iteration.number == number)).first()
+    if iteration is None:
+        return None
+    summary = next(s for s in iteration_summaries(session) if s["number"] == number)
+    dataset = session.scalars(
+        select(DatasetVersion).where(DatasetVersion.iteration_id == iteration.id)
+    ).first()
+    runs = session.scalars(
+        select(TrainingRun).where(TrainingRun.iteration_id == iteration.id).order_by(TrainingRun.id)
+    ).all()
+    return {
+        **summary,
+        "dataset_version": None if dataset is None else dataset_dict(dataset),
+        "training_runs": [training_run_dict(run) for run in runs],
+    }
+
+
+def training_run_dict(run: TrainingRun) -> dict[str, Any]:
+    return {
+        "id": run.id,
+        "kind": str(run.kind),
+        "status": str(run.status),
+        "iteration_id": run.iteration_id,
+        "params": run.params,
+        "metrics": run.metrics,
+        "progress": run.progress,
+        "error": run.error,
+        "result_model_version_id": run.result_model_version_id,
+        "created_at": run.created_at,
+        "started_at": run.started_at,
+        "heartbeat_at": run.heartbeat_at,
+        "finished_at": run.finished_at,
+    }
+
+
+def reward_model_accuracies(session: Session) -> list[tuple[int, str, float]]:
+    """(version id, name, pairwise accuracy) of every reward model that recorded one."""
+    found = []
+    for version in session.scalars(
+        select(ModelVersion).where(ModelVersion.kind == ModelKind.REWARD).order_by(ModelVersion.id)
+    ):
+        accuracy = version.metrics.get("pairwise_accuracy")
+        if isinstance(accuracy, int | float):
+            found.append((version.id, version.name, float(accuracy)))
+    return found
+
+
+def score_samples(
+    session: Session, reward_model_version_id: int | None = None, *, limit: int = 20000
+) -> dict[str, list[float]]:
+    """Scores of passing and failing candidates under one reward model version
+    (the newest by default), at most `limit` of the newest scores."""
+    version = reward_model_version_id or latest_reward_version_id(session)
+    if version is None:
+        return {"passing": [], "failing": []}
+    rows = session.execute(
+        select(Score.score, Execution.verdict == Verdict.OK)
+        .join(Execution, Execution.candidate_id == Score.candidate_id)
+        .where(Score.reward_model_version_id == version)
+        .order_by(Score.id.desc())
+        .limit(limit)
+    )
+    samples: dict[str, list[float]] = {"passing": [], "failing": []}
+    for score, passed in rows:
+        samples["passing" if passed else "failing"].append(score)
+    return samples
+
+
+def candidate_row_values(row: dict[str, Any], columns: tuple[str, ...]) -> list[Any]:
+    """A row's values in column order, datetimes as ISO 8601 (for CSV and tables)."""
+    return [row[c].isoformat() if isinstance(row.get(c), datetime) else row.get(c) for c in columns]
