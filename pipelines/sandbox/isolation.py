@@ -118,11 +118,14 @@ def bwrap_argv(host: Host, launch: Launch, seccomp_fd: int | None) -> list[str]:
             argv += ["--symlink", os.readlink(f"/{link}"), f"/{link}"]
     argv += ["--proc", "/proc", "--dev", "/dev"]
     size = str(launch.tmpfs_bytes)
-    argv += ["--size", size, "--tmpfs", "/tmp", "--size", size, "--tmpfs", "/job"]
+    for writable in ("/tmp", "/job", "/dev/shm"):
+        argv += ["--size", size, "--tmpfs", writable]
     for source, target in launch.ro_binds:
         argv += ["--ro-bind", source, target]
     for source, target in launch.rw_binds:
         argv += ["--bind", source, target]
+    # bwrap's own root and /dev tmpfs are writable and unbounded until remounted.
+    argv += ["--remount-ro", "/dev", "--remount-ro", "/"]
     argv += ["--chdir", "/job"]
     if seccomp_fd is not None:
         argv += ["--seccomp", str(seccomp_fd)]

@@ -173,7 +173,7 @@ class Slot:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         if self.host.isolated:
             argv = ["/usr/bin/python3", "-I", "-B", "/rr/zygote.py", str(theirs.fileno())]
-            argv += [SRC, JOB, JOB, "/tmp"]
+            argv += [SRC, JOB, JOB, "/tmp", "/dev/shm"]
         else:
             argv = ["/usr/bin/python3", "-I", "-B", str(ZYGOTE_SCRIPT), str(theirs.fileno())]
             argv += [str(self.src), str(self.job), str(self.job)]
@@ -554,9 +554,9 @@ def _run_in_zygote(slot: Slot, stdin_path: Path | None, token: str, limits: Limi
         # Anything but a clean, finished run leaves the zygote suspect: start afresh.
         slot.stop_zygote()
     if reply is None:
-        run.lost = not (run.timed_out or run.output_exceeded or run.oom)
-        if run.lost:
-            run.signal = int(signal.SIGKILL)
+        # The zygote died mid-run. It is a few lines of stdlib code that only the
+        # candidate (same uid, same namespace) can kill: blame the candidate.
+        run.signal = int(signal.SIGKILL)
         return run
     status = reply["status"]
     if os.WIFSIGNALED(status):

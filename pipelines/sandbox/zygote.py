@@ -67,6 +67,8 @@ def main() -> None:
         pid = os.fork()
         if pid == 0:
             control.close()
+            # The program may read its own /proc/self files; we stay non-dumpable.
+            libc.prctl(_PR_SET_DUMPABLE, 1, 0, 0, 0)
             _run_child(fds, token, request["cpu_s"], source, job_dir)
         for fd in fds:
             os.close(fd)
