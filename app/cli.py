@@ -13,6 +13,7 @@ from app.dataset_cli import dataset_app
 from app.db import session_scope
 from app.flywheel_cli import flywheel_app, status, train_app, worker
 from app.problem_import import humaneval_rows, read_problem_file, upsert_problems
+from app.query_cli import api, candidates_app, iterations, models, report
 from app.sandbox_cli import sandbox_app
 from models import Candidate, Execution, HardNegativeLabel, Iteration, ModelVersion, Problem
 
@@ -31,6 +32,11 @@ app.add_typer(flywheel_app, name="flywheel")
 app.add_typer(train_app, name="train")
 app.command("status")(status)
 app.command("worker")(worker)
+app.add_typer(candidates_app, name="candidates")
+app.command("iterations")(iterations)
+app.command("models")(models)
+app.command("api")(api)
+app.command("report")(report)
 
 console = Console()
 err_console = Console(stderr=True)
