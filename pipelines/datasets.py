@@ -7,7 +7,8 @@ of `pipelines/dvc.yaml`, so a clone checked out at a tag can `dvc pull` and
 `dvc repro` the reward-model training of that iteration.
 
 Tables in `data/`:
-- `pairs.parquet`: the Bradley-Terry training pairs (chosen passes, rejected fails);
+- `pairs.parquet`: the reward model's training pairs (`reward_model.build_pairs`'s
+  rule over the candidates up to the iteration, with the paired candidates' ids);
 - `candidates.parquet`: every candidate up to the iteration, with its verdict;
 - `scores.parquet`: reward-model scores of those candidates;
 - `hard_negatives.parquet`: their hard-negative labels.
@@ -39,14 +40,14 @@ from models import (
     Score,
 )
 from models.enums import Verdict
-from models.repository import dialect_insert
+from models.repository import content_hash, dialect_insert
 
 DVC_YAML = Path(__file__).with_name("dvc.yaml")
 REPO_DIRNAME = "dvc-repo"
 DATA_DIRNAME = "data"  # the DVC-tracked folder inside the repository
-# Every round pairs each rejected program with a different chosen one, so a cap
-# still covers many programs instead of one rejected against all chosen.
-MAX_PAIRS_PER_PROBLEM = 256
+# build_pairs' default, so a tagged dataset holds what the reward model trained on
+# (tests/pipelines/test_datasets.py checks the two agree).
+MAX_PAIRS_PER_PROBLEM = 32
 _BATCH_ROWS = 5000
 
 PAIRS_SCHEMA = pa.schema(
@@ -314,9 +315,12 @@ def _hard_negative_rows(
 
 
 def _pair_rows(session: Session, in_scope: Select, number: int) -> Iterator[dict[str, Any]]:
-    """Chosen = passing candidates and the reference solution; rejected = failing
-    candidates of the same problem, hard negatives first. A SANDBOX_ERROR says
-    nothing about the program, so it is never a rejected example."""
+    """`reward_model.build_pairs`'s pairs, limited to the candidates and labels up
+    to iteration `number`, and with the ids of the programs paired.
+
+    Same rule and order: chosen = the reference solution, then passing candidates
+    with other text; rejected = failing candidates, hard negatives first; a
+    SANDBOX_ERROR says nothing about the program, so it is never rejected."""
     hard_negatives = set(
         session.scalars(
             select(HardNegativeLabel.candidate_id).where(
@@ -333,41 +337,47 @@ def _pair_rows(session: Session, in_scope: Select, number: int) -> Iterator[dict
         )
     }
     executed = session.execute(
-        select(Candidate.problem_id, Candidate.id, Candidate.code, Execution.verdict)
+        select(
+            Candidate.problem_id,
+            Candidate.id,
+            Candidate.content_hash,
+            Candidate.code,
+            Execution.verdict,
+        )
         .join(Execution, Execution.candidate_id == Candidate.id)
         .where(Candidate.id.in_(in_scope), Execution.verdict != Verdict.SANDBOX_ERROR)
         .order_by(Candidate.problem_id, Candidate.id)
     )
     for problem_id, group in groupby(executed, key=lambda row: row.problem_id):
         problem = problems[problem_id]
-        chosen: list[tuple[int | None, str]] = []
+        # content hash -> (candidate id, code); the reference has no candidate id.
+        chosen: dict[str, tuple[int | None, str]] = {}
+        if problem.reference_solution:
+            chosen[content_hash(problem.reference_solution)] = (None, problem.reference_solution)
         rejected: list[tuple[int, str]] = []
         for row in group:
             if row.verdict == Verdict.OK:
-                chosen.append((row.id, row.code))
+                chosen.setdefault(row.content_hash, (row.id, row.code))
             else:
                 rejected.append((row.id, row.code))
-        # A stored reference candidate already carries the reference's text.
-        if problem.reference_solution and problem.reference_solution.strip() not in {
-            code.strip() for _, code in chosen
-        }:
-            chosen.append((None, problem.reference_solution))
         rejected.sort(key=lambda item: (item[0] not in hard_negatives, item[0]))
-        for chosen_item, rejected_item in _round_robin(chosen, rejected, MAX_PAIRS_PER_PROBLEM):
+        for (chosen_id, chosen_code), (rejected_id, rejected_code) in _round_robin(
+            list(chosen.values()), rejected, MAX_PAIRS_PER_PROBLEM
+        ):
             yield {
                 "problem_id": problem_id,
                 "prompt": problem.prompt,
-                "chosen": chosen_item[1],
-                "rejected": rejected_item[1],
-                "chosen_candidate_id": chosen_item[0],
-                "rejected_candidate_id": rejected_item[0],
-                "rejected_hard_negative": rejected_item[0] in hard_negatives,
+                "chosen": chosen_code,
+                "rejected": rejected_code,
+                "chosen_candidate_id": chosen_id,
+                "rejected_candidate_id": rejected_id,
+                "rejected_hard_negative": rejected_id in hard_negatives,
             }
 
 
 def _round_robin(chosen: list, rejected: list, limit: int) -> Iterator[tuple[Any, Any]]:
-    """Every (chosen, rejected) combination, in rounds that pair each rejected item
-    with a different chosen one, stopping after `limit`."""
+    """Up to `limit` (chosen, rejected) pairs: every rejected item once per round,
+    each round shifting the chosen one, so a cap keeps both sides varied."""
     emitted = 0
     for shift in range(len(chosen)):
         for index, rejected_item in enumerate(rejected):

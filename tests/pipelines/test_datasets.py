@@ -5,6 +5,7 @@ import shutil
 import subprocess
 import sys
 import threading
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +26,8 @@ from models import (
     Score,
 )
 from models.enums import Origin, Verdict
-from pipelines.datasets import REPO_DIRNAME, version_iteration
+from pipelines.datasets import MAX_PAIRS_PER_PROBLEM, REPO_DIRNAME, version_iteration
+from pipelines.reward_model import Pair, build_pairs
 from tests.factories import make_candidate, make_model_version, make_problem
 
 DVC = str(Path(sys.executable).with_name("dvc"))
@@ -136,10 +138,12 @@ def test_two_iterations_are_tagged_exported_and_pushed(session: Session, tmp_pat
     # The workspace holds iteration 2.
     data = repo / "data"
     rows = pq.read_table(data / "pairs.parquet").to_pylist()
+    # The reference solution is chosen once, as itself (no candidate id), although
+    # a stored candidate has the same text.
     assert {(r["chosen_candidate_id"], r["rejected_candidate_id"]) for r in rows} == {
-        (s.reference.id, s.hard_negative_1.id),
+        (None, s.hard_negative_1.id),
         (s.passing_1.id, s.hard_negative_1.id),
-        (s.reference.id, s.failing_2.id),
+        (None, s.failing_2.id),
         (s.passing_1.id, s.failing_2.id),
         (s.passing_2b.id, s.hard_negative_2b.id),
     }
@@ -162,7 +166,7 @@ def test_two_iterations_are_tagged_exported_and_pushed(session: Session, tmp_pat
     run("git", "checkout", "-q", "iter-1", cwd=clone)
     run(DVC, "pull", "-q", "data.dvc", cwd=clone)
     assert pair_ids(clone / "data") == {
-        (s.reference.id, s.hard_negative_1.id),
+        (None, s.hard_negative_1.id),
         (s.passing_1.id, s.hard_negative_1.id),
     }
     candidates = pq.read_table(clone / "data" / "candidates.parquet").to_pylist()
@@ -191,6 +195,23 @@ def test_two_iterations_are_tagged_exported_and_pushed(session: Session, tmp_pat
     run(DVC, "pull", "-q", "data.dvc", cwd=repo)
     assert (data / "candidates.parquet").read_bytes() == expected
     assert run("git", "status", "--porcelain", cwd=repo) == ""
+
+
+def test_pairs_are_build_pairs_limited_to_the_iteration(session: Session, tmp_path: Path):
+    store = build_store(session)
+    # 6 x 6 programs: 36 combinations, more than the cap of pairs per problem.
+    crowded = make_problem(session, prompt="def mul(a, b):\n")
+    for verdict in [Verdict.OK] * 6 + [Verdict.WRONG_ANSWER] * 6:
+        make_candidate(session, problem=crowded, verdict=verdict, iteration_id=store.iteration_2.id)
+
+    version_iteration(session, store.iteration_2.id, data_dir=tmp_path, remote="")
+
+    exported = pq.read_table(tmp_path / REPO_DIRNAME / "data" / "pairs.parquet").to_pylist()
+    as_pairs = [Pair(r["problem_id"], r["prompt"], r["chosen"], r["rejected"]) for r in exported]
+    # Iteration 2 is the latest, so its scope is the whole store: the same pairs
+    # the reward model trains on.
+    assert Counter(as_pairs) == Counter(build_pairs(session))
+    assert sum(pair.problem_id == crowded.id for pair in as_pairs) == MAX_PAIRS_PER_PROBLEM
 
 
 def test_rerun_changes_nothing_and_a_lost_row_is_rebuilt_from_the_tag(
@@ -297,10 +318,10 @@ def test_concurrent_calls_queue_and_all_succeed(committing_engine: Engine, tmp_p
 
 
 def test_dvc_repro_at_a_tag_rebuilds_the_reward_model(
-    session: Session, tmp_path: Path, tiny_model_dir: Path
+    sqlite_session: Session, tmp_path: Path, tiny_model_dir: Path
 ):
-    # TEMPORARY until pipelines/reward_model.py lands (another engineer's, in progress).
-    pytest.importorskip("pipelines.reward_model")
+    # One database is enough: the stage reads the tagged Parquet, not the store.
+    session = sqlite_session
     store = build_store(session)
     version_iteration(session, store.iteration_1.id, data_dir=tmp_path, remote="")
     version_iteration(session, store.iteration_2.id, data_dir=tmp_path, remote="")
