@@ -6,6 +6,7 @@ import pytest
 from models import Iteration, Score
 from models.enums import Language, Origin, Verdict
 from pipelines.evaluation import evaluate_iteration, pass_at_k, rerank_metrics
+from tests.conftest import unavailable
 from tests.factories import make_candidate, make_model_version, make_problem
 
 
@@ -135,3 +136,85 @@ def test_evaluate_iteration_without_reward_model(session):
 def test_evaluate_unknown_iteration(session):
     with pytest.raises(ValueError, match="no iteration with id 424242"):
         evaluate_iteration(session, 424242)
+
+
+# --- best-of-N -------------------------------------------------------------------------
+
+ABSVAL = "def absval(x):\n    if x >= 0:\n        return x\n    return -x\n"
+ABSVAL_EXAMPLES = "assert absval(-2) == 2\nassert absval(3) == 3\n"
+
+
+@pytest.fixture(scope="module")
+def absval_solve_parts(tiny_model_dir):
+    """The mutation backend (no model needed) and an untrained tiny reward model:
+    its scores are arbitrary but fixed by the seed, which is all selection needs."""
+    import torch
+
+    from pipelines.generation import GenerationConfig, PromptSpec, make_generator
+    from pipelines.reward_model import RewardScorer
+
+    torch.manual_seed(0)  # the fresh score head's initialisation
+    prompt = PromptSpec(1, "python", "def absval(x):\n", reference_solution=ABSVAL)
+    return (
+        prompt,
+        make_generator(GenerationConfig(backend="mutation")),
+        RewardScorer(tiny_model_dir),
+    )
+
+
+def test_solve_returns_the_top_scored_sample(absval_solve_parts):
+    from pipelines.evaluation import solve
+
+    prompt, generator, scorer = absval_solve_parts
+    solution = solve(prompt, 8, generator, scorer)
+
+    assert len(solution.samples) == len(solution.scores) == 8
+    assert solution.scores == scorer.score([prompt.prompt] * 8, [s.code for s in solution.samples])
+    assert solution.score == max(solution.scores)
+    assert solution.best is solution.samples[solution.scores.index(solution.score)]
+    assert solution.passed_examples is None
+
+
+def test_solve_prefers_samples_that_pass_the_example_tests(absval_solve_parts):
+    from pipelines.evaluation import solve
+    from pipelines.sandbox import SandboxUnavailable
+
+    prompt, generator, scorer = absval_solve_parts
+    try:
+        solution = solve(prompt, 8, generator, scorer, tests=ABSVAL_EXAMPLES)
+    except SandboxUnavailable as error:
+        unavailable(f"sandbox: {error}")
+    passed = solution.passed_examples
+
+    # Mutants such as `x > 0` still pass; `x <= 0` does not.
+    assert passed is not None and 0 < sum(passed) < len(passed)
+    overall_best = solution.scores.index(max(solution.scores))
+    assert not passed[overall_best]  # so the filter has something to overrule
+    eligible = [i for i, ok in enumerate(passed) if ok]
+    best = max(eligible, key=solution.scores.__getitem__)
+    assert solution.best is solution.samples[best]
+    assert solution.score == solution.scores[best]
+
+
+def test_solve_falls_back_to_the_scores_when_no_sample_passes(absval_solve_parts):
+    from pipelines.evaluation import solve
+    from pipelines.sandbox import SandboxUnavailable
+
+    prompt, generator, scorer = absval_solve_parts
+    try:
+        solution = solve(prompt, 8, generator, scorer, tests="assert absval(1) == 42\n")
+    except SandboxUnavailable as error:
+        unavailable(f"sandbox: {error}")
+
+    assert solution.passed_examples == [False] * 8
+    assert solution.score == max(solution.scores)
+
+
+def test_solve_without_samples_is_a_clear_error(absval_solve_parts):
+    from pipelines.evaluation import solve
+    from pipelines.generation import PromptSpec
+
+    _, generator, scorer = absval_solve_parts
+    no_reference = PromptSpec(7, "python", "def f(x):\n")  # mutation needs a reference
+    with pytest.raises(ValueError, match="no samples for problem 7"):
+        solve(no_reference, 4, generator, scorer)
