@@ -50,8 +50,17 @@ CANDIDATE_COLUMNS: tuple[str, ...] = (
     "created_at",
 )
 
-# Keys of `Iteration.metrics` that the report and dashboard plot; the
-# evaluation stage writes them (see docs/ARCHITECTURE.md, `rerank_metrics`).
+# The headline metrics of an iteration, as the report, dashboard, CLI and
+# `GET /iterations` show them (`headline` in each iteration):
+#   random_pass1    mean pass rate of one random sample per problem
+#   reranked_pass1  pass rate of the sample the reward model ranks first
+#   oracle_pass_n   share of problems with at least one passing sample
+#   pass_at_k       {"1": ..., "5": ..., "10": ...}, unbiased pass@k (Chen et al. 2021)
+#   reward_pairwise_accuracy  held-out pairwise accuracy of the iteration's reward model
+# A key stored at the top level of `Iteration.metrics` is taken as is. Otherwise
+# they are derived from what the flywheel stores, `metrics["evaluation"]` (one
+# `rerank_metrics` dict per language), as means over languages weighted by
+# their number of problems, and from the reward model's `pairwise_accuracy`.
 ITERATION_METRIC_KEYS: tuple[str, ...] = (
     "random_pass1",
     "reranked_pass1",
@@ -59,6 +68,32 @@ ITERATION_METRIC_KEYS: tuple[str, ...] = (
     "pass_at_k",
     "reward_pairwise_accuracy",
 )
+
+
+def headline_metrics(metrics: dict[str, Any], reward_accuracy: float | None) -> dict[str, Any]:
+    """The ITERATION_METRIC_KEYS of one iteration (None where unknown)."""
+    by_language = [m for m in (metrics.get("evaluation") or {}).values() if isinstance(m, dict)]
+
+    def weighted(key: str) -> float | None:
+        pairs = [
+            (m[key], m.get("problems", 1))
+            for m in by_language
+            if isinstance(m.get(key), int | float)
+        ]
+        weight = sum(w for _, w in pairs)
+        return sum(v * w for v, w in pairs) / weight if weight else None
+
+    ks = sorted(
+        {key.removeprefix("pass@") for m in by_language for key in m if key.startswith("pass@")}
+    )
+    derived = {
+        "random_pass1": weighted("random_pass1"),
+        "reranked_pass1": weighted("reranked_pass1"),
+        "oracle_pass_n": weighted("oracle_pass_n"),
+        "pass_at_k": {k: weighted(f"pass@{k}") for k in sorted(ks, key=int)} or None,
+        "reward_pairwise_accuracy": reward_accuracy,
+    }
+    return {key: metrics.get(key, derived[key]) for key in ITERATION_METRIC_KEYS}
 
 
 class QueryError(ValueError):
@@ -457,9 +492,15 @@ def iteration_summaries(session: Session) -> list[dict[str, Any]]:
         .group_by(Execution.iteration_id, Execution.verdict)
     ):
         verdicts.setdefault(iteration_id, {})[str(verdict)] = count
+    accuracies = {
+        version_id: accuracy for version_id, _, accuracy in reward_model_accuracies(session)
+    }
     return [
         {
             **_iteration_dict(iteration),
+            "headline": headline_metrics(
+                iteration.metrics, accuracies.get(iteration.reward_model_version_id)
+            ),
             "candidates": candidates.get(iteration.id, 0),
             "hard_negatives": hard_negatives.get(iteration.id, 0),
             "verdicts": verdicts.get(iteration.id, {}),

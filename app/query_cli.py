@@ -195,12 +195,12 @@ def iterations(fmt: FormatOption = OutputFormat.TABLE) -> None:
     if fmt is OutputFormat.JSON:
         _emit(rows, ITERATION_COLUMNS, fmt, "iterations")
         return
-    flat = [
-        {**row, **{k: row["metrics"].get(k) for k in queries.ITERATION_METRIC_KEYS}} for row in rows
-    ]
+    flat = [{**row, **row["headline"]} for row in rows]
     for row in flat:
         if isinstance(row["pass_at_k"], dict):
-            row["pass_at_k"] = json.dumps(row["pass_at_k"])
+            row["pass_at_k"] = " ".join(
+                f"@{k}:{v:.3f}" for k, v in row["pass_at_k"].items() if v is not None
+            )
     _emit(flat, ITERATION_COLUMNS, fmt, "iterations")
 
 

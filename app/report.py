@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 from sqlalchemy.orm import Session
 
 from app import queries
@@ -34,7 +35,6 @@ def pass1_figure(session: Session) -> Figure:
     summaries = queries.iteration_summaries(session)
     figure = Figure(figsize=(6, 3.5))
     axes = figure.add_subplot()
-    numbers = [s["number"] for s in summaries]
     plotted = False
     for key, label in (
         ("random_pass1", "random pass@1"),
@@ -42,9 +42,7 @@ def pass1_figure(session: Session) -> Figure:
         ("oracle_pass_n", "oracle pass@N"),
     ):
         points = [
-            (n, s["metrics"][key])
-            for n, s in zip(numbers, summaries, strict=True)
-            if key in s["metrics"]
+            (s["number"], s["headline"][key]) for s in summaries if s["headline"][key] is not None
         ]
         if points:
             axes.plot(*zip(*points, strict=True), marker="o", label=label)
@@ -52,6 +50,7 @@ def pass1_figure(session: Session) -> Figure:
     if not plotted:
         _empty(axes, "no iteration has evaluation metrics yet")
     else:
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
         axes.set_xlabel("iteration")
         axes.set_ylabel("pass rate")
         axes.set_ylim(0, 1)
@@ -166,7 +165,7 @@ def write_report(session: Session, out_dir: Path) -> Path:
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for s in summaries:
-        m = s["metrics"]
+        m = s["headline"]
         lines.append(
             f"| {s['number']} | {s['status']} | {s['candidates']} | {s['hard_negatives']} "
             f"| {_fmt(m.get('random_pass1'))} | {_fmt(m.get('reranked_pass1'))} "

@@ -76,9 +76,10 @@ class IterationOut(BaseModel):
     generator_version_id: int | None
     reward_model_version_id: int | None
     params: dict[str, Any]
-    metrics: dict[str, Any] = Field(
+    metrics: dict[str, Any] = Field(description="As stored by the flywheel.")
+    headline: dict[str, Any] = Field(
         description="random_pass1, reranked_pass1, oracle_pass_n, pass_at_k, "
-        "reward_pairwise_accuracy (see README, HTTP API)."
+        "reward_pairwise_accuracy (README, HTTP API)."
     )
     created_at: datetime
     finished_at: datetime | None

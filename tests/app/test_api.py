@@ -51,11 +51,28 @@ def seed_store(session: Session) -> Seeded:
             "reward_pairwise_accuracy": 0.61,
         },
     )
+    # The shape the flywheel stores: one `rerank_metrics` dict per language.
+    evaluation = {
+        "python": {
+            "problems": 3,
+            "random_pass1": 0.5,
+            "reranked_pass1": 0.7,
+            "oracle_pass_n": 1.0,
+            "pass@1": 0.5,
+        },
+        "cpp": {
+            "problems": 1,
+            "random_pass1": 0.1,
+            "reranked_pass1": 0.3,
+            "oracle_pass_n": 0.4,
+            "pass@1": 0.1,
+        },
+    }
     second = Iteration(
         number=2,
         generator_version_id=generator.id,
         reward_model_version_id=reward.id,
-        metrics={"random_pass1": 0.4, "reranked_pass1": 0.6, "oracle_pass_n": 0.85},
+        metrics={"evaluation": evaluation},
     )
     session.add_all([first, second])
     session.flush()

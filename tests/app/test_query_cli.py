@@ -95,7 +95,8 @@ def test_iterations_and_models(store):
     assert [i["number"] for i in iterations] == [1, 2]
     assert iterations[0]["metrics"]["reranked_pass1"] == 0.5
     as_csv = list(csv.DictReader(io.StringIO(run("iterations", "--format", "csv").stdout)))
-    assert as_csv[1]["random_pass1"] == "0.4"
+    assert float(as_csv[1]["random_pass1"]) == pytest.approx(0.4)
+    assert as_csv[1]["pass_at_k"] == "@1:0.400"
     models = list(csv.DictReader(io.StringIO(run("models", "--format", "csv").stdout)))
     assert [m["name"] for m in models] == ["gen-v1", "rm-v1", "rm-v2"]
     assert "rm-v2" in run("models", "--kind", "reward").stdout
