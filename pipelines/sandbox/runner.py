@@ -219,19 +219,20 @@ class _SlotPool:
         self._free: queue.LifoQueue[Slot] = queue.LifoQueue()
         self._all: list[Slot] = []
         self._lock = threading.Lock()
+        self._owner = os.getpid()
 
     def acquire(self, host: Host) -> Slot:
+        if self._owner != os.getpid():
+            # A forked worker (e.g. Celery prefork) must not share its parent's
+            # zygotes and cgroups: start an empty pool of its own.
+            self.__init__()
         try:
             return self._free.get_nowait()
         except queue.Empty:
             pass
         with self._lock:
             if not self._all:
-                remove_stale_groups()
-                CACHE_DIR.mkdir(parents=True, exist_ok=True)
-                (RUNTIME_DIR / "slots").mkdir(exist_ok=True)
-                for folder in (RUNTIME_DIR, RUNTIME_DIR / "slots", CACHE_DIR):
-                    folder.chmod(0o755)
+                _prepare_runtime_dir()
             slot = Slot(len(self._all), host)
             self._all.append(slot)
             return slot
@@ -245,6 +246,20 @@ class _SlotPool:
                 slot.close()
             self._all.clear()
             self._free = queue.LifoQueue()
+
+
+def _prepare_runtime_dir() -> None:
+    """Create the shared folders and drop what sandbox processes that died left behind."""
+    remove_stale_groups()
+    slots = RUNTIME_DIR / "slots"
+    CACHE_DIR.mkdir(parents=True, exist_ok=True)
+    slots.mkdir(exist_ok=True)
+    for folder in (RUNTIME_DIR, slots, CACHE_DIR):
+        folder.chmod(0o755)  # the sandbox user reads sources and artefacts from here
+    for folder in slots.iterdir():
+        owner = folder.name.partition("-")[0]
+        if owner.isdigit() and not Path(f"/proc/{owner}").exists():
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 _POOL = _SlotPool()

@@ -133,7 +133,7 @@ def test_memory_hogs_across_processes_hit_the_group_limit() -> None:
         "        block = bytearray(64 * 1024 * 1024)\n"
         "        for i in range(0, len(block), 4096):\n"
         "            block[i] = 1\n"
-        "        import time; time.sleep(3)\n"
+        "        import time; time.sleep(1)\n"
         "        os._exit(0)\n"
         "    children.append(pid)\n"
         "for pid in children:\n"
