@@ -267,6 +267,9 @@ class TransformersGenerator:
         self.model = model.eval()
         self.chat = _uses_chat(config.prompt_style, self.tokenizer)
         self.tokens_generated = 0  # running total, read by the benchmark
+        # Building a StopStringCriteria scans the whole vocabulary (~1 s); do it
+        # once per language rather than once per generate call.
+        self._stop_criteria: dict[str, Any] = {}
 
     def generate(self, prompts: Sequence[PromptSpec], n: int) -> list[list[Sample]]:
         import torch
@@ -302,7 +305,11 @@ class TransformersGenerator:
         import torch
 
         encoded = self.tokenizer(
-            [texts[i] for i in rows], return_tensors="pt", padding=True, add_special_tokens=False
+            [texts[i] for i in rows],
+            return_tensors="pt",
+            padding=True,
+            # The chat template already wrote the special tokens it wants.
+            add_special_tokens=not self.chat,
         ).to(self.model.device)
         sampling = self.config.temperature > 0
         with torch.inference_mode():
@@ -312,13 +319,21 @@ class TransformersGenerator:
                 do_sample=sampling,
                 temperature=self.config.temperature if sampling else None,
                 top_p=self.config.top_p if sampling else None,
-                # Chat replies hold prose around the code: only EOS ends them.
-                stop_strings=None if self.chat else list(STOP_SEQUENCES[Language(language)]),
-                tokenizer=self.tokenizer,
+                stopping_criteria=self._stopping_criteria(language),
                 pad_token_id=self.tokenizer.pad_token_id,
             )
         new_tokens = output[:, encoded["input_ids"].shape[1] :]
         return [self._decode(row) for row in new_tokens]
+
+    def _stopping_criteria(self, language: str) -> Any:
+        from transformers import StoppingCriteriaList, StopStringCriteria
+
+        if self.chat:  # chat replies hold prose around the code: only EOS ends them
+            return StoppingCriteriaList()
+        if language not in self._stop_criteria:
+            stops = STOP_SEQUENCES[Language(language)]
+            self._stop_criteria[language] = StopStringCriteria(self.tokenizer, stops)
+        return StoppingCriteriaList([self._stop_criteria[language]])
 
     def _decode(self, tokens: Any) -> tuple[str, int]:
         """Text and length of one generated row, up to its first EOS or padding."""
@@ -494,14 +509,19 @@ def python_edits(source: str, problem_id: int = 0) -> list[Edit]:
             f"problem {problem_id}: reference solution is not valid Python: {error}"
         ) from None
     offsets = _line_offsets(source)
+    docstrings = {id(node.value) for node in ast.walk(tree) if isinstance(node, ast.Expr)}
     edits: list[Edit] = []
     for node in ast.walk(tree):
+        if id(node) in docstrings:
+            continue
         for mutated in _python_mutations(node):
             start, end = _span(node, offsets, source)
             edits.append((start, end, f"({ast.unparse(mutated)})"))
         # Negated conditions and wrong return values replace a child's span.
-        if isinstance(node, ast.If | ast.While | ast.IfExp):
-            start, end = _span(node.test, offsets, source)
+        tests = [node.test] if isinstance(node, ast.If | ast.While | ast.IfExp) else []
+        tests += node.ifs if isinstance(node, ast.comprehension) else []
+        for test in tests:
+            start, end = _span(test, offsets, source)
             edits.append((start, end, f"(not ({source[start:end]}))"))
         if isinstance(node, ast.Return) and node.value is not None:
             start, end = _span(node.value, offsets, source)
@@ -526,11 +546,43 @@ def _python_mutations(node: ast.AST) -> list[ast.AST]:
         return [node.operand]  # drop the negation
     if isinstance(node, ast.Constant) and type(node.value) is bool:
         return [ast.Constant(not node.value)]
-    if isinstance(node, ast.Constant) and type(node.value) is int:
+    if isinstance(node, ast.Constant) and type(node.value) in (int, float):
         return [ast.Constant(node.value + 1), ast.Constant(node.value - 1)]
+    if isinstance(node, ast.Constant) and type(node.value) is str:
+        return [ast.Constant(" " if node.value == "" else "")]
+    if isinstance(node, ast.Name | ast.Attribute) and _swapped_name(node):
+        return [_swapped_name(node)]
+    if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "len":
+        # Off-by-one on a length, the classic boundary slip.
+        return [ast.BinOp(left=node, op=op, right=ast.Constant(1)) for op in (ast.Add(), ast.Sub())]
     if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "range":
         return _range_bound_mutations(node)
     return []
+
+
+# Builtins and methods with a near-opposite twin (min for max, upper for lower).
+_NAME_TWINS = {
+    "min": "max",
+    "max": "min",
+    "any": "all",
+    "all": "any",
+    "lower": "upper",
+    "upper": "lower",
+    "islower": "isupper",
+    "isupper": "islower",
+    "startswith": "endswith",
+    "endswith": "startswith",
+    "floor": "ceil",
+    "ceil": "floor",
+}
+
+
+def _swapped_name(node: ast.Name | ast.Attribute) -> ast.AST | None:
+    if isinstance(node, ast.Name) and node.id in _NAME_TWINS:
+        return ast.Name(id=_NAME_TWINS[node.id], ctx=node.ctx)
+    if isinstance(node, ast.Attribute) and node.attr in _NAME_TWINS:
+        return _shallow_copy(node, attr=_NAME_TWINS[node.attr])
+    return None
 
 
 def _range_bound_mutations(call: ast.Call) -> list[ast.AST]:
