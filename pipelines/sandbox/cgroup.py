@@ -18,13 +18,13 @@ GROUP_PREFIX = "rewardranker-sandbox"
 def detect_version() -> int | None:
     """1 or 2 when this process can create sandbox cgroups, else None."""
     if (CGROUP_ROOT / "cgroup.controllers").exists():
-        parent = CGROUP_ROOT
-        needed = {"memory", "pids"}
-        if needed <= set((parent / "cgroup.controllers").read_text().split()) and os.access(
-            parent, os.W_OK
-        ):
+        # v2: usable only if we may make a child group that gets both controllers.
+        try:
+            probe = SlotCgroup(f"{os.getpid()}-probe", 2)
+            probe.remove()
             return 2
-        return None
+        except OSError:
+            return None
     v1_dirs = [CGROUP_ROOT / "memory", CGROUP_ROOT / "pids"]
     if all(d.is_dir() and os.access(d, os.W_OK) for d in v1_dirs):
         return 1
@@ -47,6 +47,9 @@ class SlotCgroup:
             self.memory_dir = self.pids_dir = base / name
         for folder in {self.memory_dir, self.pids_dir}:
             folder.mkdir(parents=True, exist_ok=True)
+        for limit_file in (self.memory_dir / "memory.max", self.pids_dir / "pids.max"):
+            if version == 2 and not limit_file.exists():
+                raise OSError(f"{limit_file} missing: the controller is not delegated here")
         self._memory_limit = -1
         self._pids_limit = -1
 

@@ -19,7 +19,11 @@ from pipelines.sandbox import cgroup, seccomp
 
 SANDBOX_USER = "sandbox"
 ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": "/tmp", "LANG": "C.UTF-8", "TMPDIR": "/tmp"}
-_TRAMPOLINE = 'for f in $RR_CGROUP_PROCS; do echo $$ > "$f" || exit 125; done; {ulimits} exec "$@"'
+TRAMPOLINE_FAILURE = 125
+_TRAMPOLINE = (
+    'for f in $RR_CGROUP_PROCS; do echo $$ > "$f" '
+    '|| {{ echo "rr-trampoline: cannot join $f" >&2; exit 125; }}; done; {ulimits} exec "$@"'
+)
 
 
 def insecure_allowed() -> bool:

@@ -515,7 +515,10 @@ def _run_cold(
         run.signal = status - 128
     else:
         run.exit_code = status
-    if status == 125 or (status == 1 and run.stderr.startswith(b"bwrap:")):
+    trampoline_failed = status == isolation.TRAMPOLINE_FAILURE
+    if (trampoline_failed and run.stderr.startswith(b"rr-trampoline:")) or (
+        status == 1 and run.stderr.startswith(b"bwrap:")
+    ):
         run.lost = True  # the trampoline could not join the cgroup, or bwrap could not start
     return run
 
