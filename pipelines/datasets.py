@@ -184,7 +184,9 @@ def _ensure_repo(root: Path, remote_url: str) -> None:
         _git(root, "config", "tag.gpgsign", "false")
         Repo.init(str(root)).close()
     with Repo(str(root)) as repo, repo.config.edit() as config:
+        # Nothing may phone home from a worker (or from `dvc` run in a clone).
         config["core"]["analytics"] = False
+        config["core"]["check_update"] = False
         config["core"]["autostage"] = True
         config["core"]["remote"] = "storage"
         config["remote"]["storage"] = {"url": remote_url}
@@ -203,6 +205,7 @@ def _commit_iteration(session: Session, iteration: Iteration, root: Path, tag: s
     with Repo(str(root)) as repo:
         # Absolute target: DVC resolves relative ones against the process's cwd.
         repo.add(str(data))
+        # Push before committing: a tag only ever names data the remote holds.
         repo.push()
     _git(root, "add", "-A")
     summary = ", ".join(f"{count} {name}" for name, count in sorted(counts.items()))

@@ -14,7 +14,10 @@ import pyarrow.parquet as pq
 import pytest
 from sqlalchemy import Engine, delete, func, select
 from sqlalchemy.orm import Session
+from typer.testing import CliRunner
 
+from app import db, settings
+from app.cli import app as cli_app
 from app.db import make_engine
 from models import (
     Candidate,
@@ -343,3 +346,35 @@ def test_dvc_repro_at_a_tag_rebuilds_the_reward_model(
     assert (clone / "reward-model" / "config.json").is_file()
     assert "train_pairs" in (clone / "metrics.json").read_text()
     assert run(DVC, "status", "-q", cwd=clone) == ""
+
+
+def test_dataset_cli_versions_and_lists(sqlite_url: str, tmp_path: Path, monkeypatch):
+    engine = make_engine(sqlite_url)
+    with Session(engine) as session:
+        build_store(session)
+        session.commit()
+    engine.dispose()
+    monkeypatch.setenv("RR_DATABASE_URL", sqlite_url)
+    monkeypatch.setenv("RR_DATA_DIR", str(tmp_path))
+    monkeypatch.delenv("RR_DVC_REMOTE", raising=False)
+    caches = (settings.get_settings, db.get_engine, db.get_sessionmaker)
+    for cached in caches:  # settings and engine are cached per process
+        cached.cache_clear()
+    try:
+        runner = CliRunner()
+        versioned = runner.invoke(cli_app, ["dataset", "version", "1"], catch_exceptions=False)
+        assert versioned.exit_code == 0, versioned.output
+        assert "iter-1" in versioned.stdout
+        missing = runner.invoke(cli_app, ["dataset", "version", "7"])
+        assert missing.exit_code == 1 and "no iteration number 7" in missing.output
+        listed = runner.invoke(cli_app, ["dataset", "list"], catch_exceptions=False)
+        assert listed.exit_code == 0, listed.output
+        (row,) = [line for line in listed.stdout.splitlines() if "iter-1" in line]
+        # iteration, tag, commit, pairs, candidates, hard negatives
+        cells = [cell.strip() for cell in row.split("│")[1:-1]]
+        assert cells[:2] == ["1", "iter-1"] and cells[3:] == ["2", "5", "1"]
+    finally:
+        db.get_engine().dispose()
+        for cached in caches:
+            cached.cache_clear()
+    assert (tmp_path / "dvc-remote").is_dir()
