@@ -495,7 +495,7 @@ def advance_iteration(session: Session, iteration_id: int) -> IterationStatus:
                     session,
                     RunKind.POLICY,
                     iteration_id=iteration_id,
-                    params={"steps": params.policy_steps},
+                    params={"steps": params.policy_steps, "max_new_tokens": params.max_new_tokens},
                 )
             return iteration.status
         _finish(session, iteration)
@@ -507,6 +507,17 @@ def _may_retry(runs: list[TrainingRun]) -> bool:
     if any(r.status in (RunStatus.QUEUED, RunStatus.RUNNING) for r in runs):
         return False
     return sum(r.status == RunStatus.FAILED for r in runs) < MAX_RUN_FAILURES
+
+
+def blocked_reason(session: Session, iteration_id: int) -> str | None:
+    """Why the iteration cannot go on by itself (a training failed MAX_RUN_FAILURES
+    times), or None."""
+    for kind in RunKind:
+        runs = _runs(session, iteration_id, kind)
+        if runs and not _may_retry(runs) and runs[-1].status == RunStatus.FAILED:
+            last_error = (runs[-1].error or "").strip().splitlines()[-1:]
+            return f"{kind.value} training failed {MAX_RUN_FAILURES} times: {' '.join(last_error)}"
+    return None
 
 
 def _finish(session: Session, iteration: Iteration) -> None:
@@ -643,7 +654,9 @@ def _train_policy(
         generator_version=session.get(ModelVersion, iteration.generator_version_id),
         reward_version=current_model(session, ModelKind.REWARD),
         prompts=[PromptSpec.from_problem(p) for p in problems],
-        config=PolicyConfig(steps=run.params.get("steps", 2)),
+        config=PolicyConfig(
+            steps=run.params.get("steps", 2), max_new_tokens=run.params.get("max_new_tokens", 160)
+        ),
         data_dir=get_settings().data_dir,
         iteration_id=run.iteration_id,
         progress=progress,

@@ -5,6 +5,7 @@ import time
 from datetime import timedelta
 from typing import Annotated, Any
 
+import sqlalchemy.exc
 import typer
 from rich.console import Console
 from rich.progress import (
@@ -20,7 +21,14 @@ from sqlalchemy import func, or_, select
 
 from app import migrate
 from app.db import session_scope
-from app.flywheel import FlywheelParams, iteration_rows, open_iteration, problem_progress, reconcile
+from app.flywheel import (
+    FlywheelParams,
+    blocked_reason,
+    iteration_rows,
+    open_iteration,
+    problem_progress,
+    reconcile,
+)
 from app.settings import get_settings
 from models import Iteration, ModelVersion, Problem, TrainingRun
 from models.enums import IterationStatus, ModelKind, RunKind, RunStatus
@@ -240,6 +248,9 @@ def flywheel_run(
     started = time.monotonic()
     try:
         _drive(params, problems, iterations, continuous)
+    except IterationBlocked as error:
+        err_console.print(f"error: {error}")
+        raise typer.Exit(1) from error
     finally:
         for process in workers:
             stop_worker(process)
@@ -273,12 +284,15 @@ def _drive(params: FlywheelParams, size: int, iterations: int, continuous: bool)
                 .select_from(Iteration)
                 .where(Iteration.status == IterationStatus.DONE)
             )
+            # An iteration left unfinished by an earlier, interrupted run: its lost
+            # messages are re-enqueued before waiting on it.
+            resumed = unfinished is not None
             if unfinished is None and (continuous or done < iterations):
                 problem_ids = _next_problems(session, size, fresh_only=continuous and done > 0)
                 if problem_ids:
                     unfinished = open_iteration(session, problem_ids, params).id
         if unfinished is not None:
-            wait_for_iteration(unfinished)
+            wait_for_iteration(unfinished, reconcile_first=resumed)
         elif continuous:
             time.sleep(10)  # waiting for new problems
         else:
@@ -299,12 +313,26 @@ def _next_problems(session, size: int, *, fresh_only: bool) -> list[int]:
     return list(session.scalars(query.order_by(Problem.id).limit(size)))
 
 
-def wait_for_iteration(iteration_id: int, *, show: bool = True, stall_s: float = STALL_S) -> None:
-    """Follow the iteration with one progress bar per stage until it is done;
-    reconcile first, and again whenever nothing moved for `stall_s`."""
-    with session_scope() as session:
-        reconcile(session, stale_after=STALE_RUN)
-    last_change, last_state = time.monotonic(), None
+class IterationBlocked(RuntimeError):
+    """An iteration that needs a person: `rewardranker train ...` re-enqueues the training."""
+
+
+def wait_for_iteration(
+    iteration_id: int,
+    *,
+    show: bool = True,
+    stall_s: float = STALL_S,
+    reconcile_first: bool = False,
+    timeout_s: float | None = None,
+) -> None:
+    """Follow the iteration with one progress bar per stage until it is done,
+    reconciling whenever nothing moved for `stall_s`. A database that is briefly
+    unreachable (a restart) is waited out, not fatal."""
+    if reconcile_first:
+        with session_scope() as session:
+            reconcile(session, stale_after=STALE_RUN)
+    started = last_change = time.monotonic()
+    last_state = None
     with Progress(
         TextColumn("{task.description:<28}"), BarColumn(), MofNCompleteColumn(),
         TimeElapsedColumn(), console=console, disable=not show,
@@ -314,29 +342,43 @@ def wait_for_iteration(iteration_id: int, *, show: bool = True, stall_s: float =
             for name in ("generation", "execution", "labeling", "training")
         }
         while True:
-            with session_scope() as session:
-                iteration = session.get(Iteration, iteration_id)
-                progress = problem_progress(session, iteration)
-                run = session.scalars(
-                    select(TrainingRun)
-                    .where(TrainingRun.iteration_id == iteration_id)
-                    .order_by(TrainingRun.id.desc())
-                ).first()
-                state = (
-                    iteration.status,
-                    tuple(progress.values()),
-                    run and (run.id, run.status, run.progress),
-                )
-            _update_bars(bars, stages, iteration, progress, run)
-            if iteration.status == IterationStatus.DONE:
-                return
-            if state != last_state:
-                last_change, last_state = time.monotonic(), state
-            elif time.monotonic() - last_change > stall_s:
+            if timeout_s is not None and time.monotonic() - started > timeout_s:
+                raise TimeoutError(f"iteration {iteration_id} not done after {timeout_s:.0f}s")
+            try:
+                state = _poll(bars, stages, iteration_id)
+                if state[0] == IterationStatus.DONE:
+                    return
                 with session_scope() as session:
-                    reconcile(session, stale_after=STALE_RUN)
-                last_change = time.monotonic()
+                    blocked = blocked_reason(session, iteration_id)
+                if blocked:
+                    raise IterationBlocked(f"iteration {iteration_id} is stuck: {blocked}")
+                if state != last_state:
+                    last_change, last_state = time.monotonic(), state
+                elif time.monotonic() - last_change > stall_s:
+                    with session_scope() as session:
+                        reconcile(session, stale_after=STALE_RUN)
+                    last_change = time.monotonic()
+            except sqlalchemy.exc.OperationalError as error:
+                err_console.print(f"store unreachable, retrying: {error.orig}")
             time.sleep(1.0)
+
+
+def _poll(bars: Progress, stages: dict[str, TaskID], iteration_id: int) -> tuple:
+    """Read the iteration's progress, show it, and return it as a comparable state."""
+    with session_scope() as session:
+        iteration = session.get(Iteration, iteration_id)
+        progress = problem_progress(session, iteration)
+        run = session.scalars(
+            select(TrainingRun)
+            .where(TrainingRun.iteration_id == iteration_id)
+            .order_by(TrainingRun.id.desc())
+        ).first()
+        _update_bars(bars, stages, iteration, progress, run)
+        return (
+            iteration.status,
+            tuple(progress.values()),
+            run and (run.id, run.status, run.progress),
+        )
 
 
 def _update_bars(bars: Progress, stages: dict[str, TaskID], iteration, progress, run) -> None:

@@ -40,7 +40,9 @@ def stop_worker(process: subprocess.Popen, *, timeout_s: float = 20.0) -> None:
     """Warm shutdown (SIGTERM: finish the current task), then SIGKILL the group."""
     if process.poll() is not None:
         return
-    os.killpg(process.pid, signal.SIGTERM)
+    # To the main process only: it stops taking tasks and waits for its pool to
+    # finish the current ones; signalling the group would kill those mid-task.
+    process.send_signal(signal.SIGTERM)
     try:
         process.wait(timeout_s)
     except subprocess.TimeoutExpired:

@@ -1,0 +1,109 @@
+"""Fixtures for the queue tests: a private Postgres database per test (the chain
+commits for real, so it must not share the session database other tests roll
+back in), a private Redis database as broker, and this process configured like
+the workers it starts."""
+
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+import redis
+
+from app import db, migrate
+from app.settings import get_settings
+from models import ModelVersion, Problem
+from models.enums import ModelKind
+from tests.conftest import PG_ADMIN_DSN, _pg_url
+from workers.celery_app import broker_options, celery
+
+BROKER_DB = 12  # not the conftest's 15: other suites may use that one
+
+
+@pytest.fixture
+def worker_db(pg_url: str) -> Iterator[str]:
+    """A fresh, migrated database on the test server (pg_url proves the server is up)."""
+    name = f"rr_workers_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    url = _pg_url(name)
+    migrate.upgrade(url)
+    yield url
+    with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as admin:
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def broker_url(redis_url: str) -> str:
+    url = redis_url.rsplit("/", 1)[0] + f"/{BROKER_DB}"
+    redis.Redis.from_url(url).flushdb()
+    return url
+
+
+@pytest.fixture
+def flywheel_env(
+    worker_db: str, broker_url: str, tmp_path: Path, tiny_model_dir: Path, monkeypatch
+) -> Iterator[dict[str, str]]:
+    """RR_ variables for worker processes, also applied to this process."""
+    env = {
+        "RR_DATABASE_URL": worker_db,
+        "RR_BROKER_URL": broker_url,
+        "RR_DATA_DIR": str(tmp_path / "data"),
+        "RR_REWARD_MODEL": str(tiny_model_dir),
+        "RR_GENERATOR_MODEL": str(tiny_model_dir),
+        "RR_RETRAIN_THRESHOLD": "100000",
+    }
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    _reload_settings()
+    yield env
+    monkeypatch.undo()
+    _reload_settings()
+
+
+def _reload_settings() -> None:
+    """Point the cached settings, engine and Celery producer at the current env."""
+    if db.get_engine.cache_info().currsize:
+        db.get_engine().dispose()
+    get_settings.cache_clear()
+    db.get_engine.cache_clear()
+    db.get_sessionmaker.cache_clear()
+    settings = get_settings()
+    celery.conf.broker_url = settings.celery_broker_url
+    celery.conf.broker_transport_options = broker_options(settings)
+    celery.close()  # drops the producer pool bound to the previous broker
+
+
+@pytest.fixture
+def store(flywheel_env) -> Iterator:
+    """A session on the private database, committed by the test where it says so."""
+    with db.get_sessionmaker()() as session:
+        yield session
+
+
+def queue_length(broker_url: str, queue: str) -> int:
+    return redis.Redis.from_url(broker_url).llen(queue)
+
+
+def add_problems(session, count: int) -> list[int]:
+    """HumanEval's first `count` problems (real prompts, tests and references)."""
+    from app.problem_import import humaneval_rows, upsert_problems
+
+    upsert_problems(session, humaneval_rows()[:count])
+    session.flush()
+    return list(
+        session.scalars(
+            Problem.__table__.select().with_only_columns(Problem.id).order_by(Problem.id)
+        )
+    )
+
+
+def register_reward_model(session, path: Path) -> ModelVersion:
+    """A reward model version on the tiny backbone, so a test can skip the warm start."""
+    version = ModelVersion(
+        kind=ModelKind.REWARD, name="rm-tiny", base_model=str(path), path=str(path)
+    )
+    session.add(version)
+    session.flush()
+    return version

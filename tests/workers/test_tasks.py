@@ -1,0 +1,246 @@
+"""Task functions called directly (not eager mode) against the real Postgres, with
+the real Redis as broker so that the follow-ups they enqueue can be counted."""
+
+import threading
+from pathlib import Path
+
+import pytest
+from sqlalchemy import func, select
+
+from app import db
+from app.flywheel import FlywheelParams, ProblemsWithoutTests, open_iteration, reconcile
+from models import (
+    Candidate,
+    Execution,
+    HardNegativeLabel,
+    Iteration,
+    ModelVersion,
+    Score,
+    TrainingRun,
+)
+from models.enums import IterationStatus, ModelKind, RunKind, RunStatus, Verdict
+from tests.factories import make_candidate, make_problem
+from tests.workers.conftest import add_problems, queue_length, register_reward_model
+from workers import tasks
+from workers.after_commit import enqueue_after_commit, pending
+from workers.celery_app import celery
+from workers.control import enqueue_training
+
+MUTATION = FlywheelParams(backend="mutation", candidates=4, batch_size=2, policy_steps=0)
+
+
+def count(session, model, *where) -> int:
+    return session.scalar(select(func.count()).select_from(model).where(*where))
+
+
+def collecting_iteration(session, problem, reward) -> Iteration:
+    """An iteration whose one problem is generated, so labelling can run."""
+    iteration = Iteration(
+        number=1,
+        status=IterationStatus.GENERATING,
+        reward_model_version_id=reward.id,
+        params={"problem_ids": [problem.id], "generated": [problem.id]},
+    )
+    session.add(iteration)
+    session.flush()
+    return iteration
+
+
+def test_problem_without_tests_is_refused_with_its_id(session):
+    good = make_problem(session)
+    untested = make_problem(session, tests="")
+    with pytest.raises(ProblemsWithoutTests) as refused:
+        open_iteration(session, [good.id, untested.id], MUTATION)
+    assert refused.value.problem_ids == [untested.id]
+    assert str(untested.id) in str(refused.value)
+    assert count(session, Iteration) == 0
+
+
+def test_follow_ups_are_sent_on_commit_and_dropped_on_rollback(store, broker_url):
+    make_problem(store)
+    enqueue_after_commit(store, celery.signature("execution.noop"))
+    store.rollback()
+    assert pending(store) == []
+    assert queue_length(broker_url, "execution") == 0
+
+    make_problem(store)
+    enqueue_after_commit(store, celery.signature("execution.noop"))
+    assert queue_length(broker_url, "execution") == 0  # nothing before the commit
+    store.commit()
+    assert queue_length(broker_url, "execution") == 1
+
+
+def test_a_savepoint_rollback_keeps_the_outer_follow_ups(store, broker_url):
+    make_problem(store)
+    enqueue_after_commit(store, celery.signature("execution.noop"))
+    savepoint = store.begin_nested()
+    savepoint.rollback()
+    store.commit()
+    assert queue_length(broker_url, "execution") == 1
+
+
+def test_each_stage_runs_once_however_often_its_task_runs(store, broker_url, tiny_model_dir):
+    problem_ids = add_problems(store, 3)
+    register_reward_model(store, tiny_model_dir)
+    iteration = open_iteration(store, problem_ids, MUTATION)
+    store.commit()
+    assert iteration.status == IterationStatus.GENERATING
+    assert queue_length(broker_url, "generation") == 2  # batches of 2 problems
+
+    # 1. generate: a second run of the same batch stores nothing new
+    tasks.generate_batch(iteration.id, problem_ids)
+    candidates = count(store, Candidate, Candidate.iteration_id == iteration.id)
+    assert candidates > 0
+    tasks.generate_batch(iteration.id, problem_ids)
+    assert count(store, Candidate, Candidate.iteration_id == iteration.id) == candidates
+    assert queue_length(broker_url, "execution") == 2 * len(problem_ids)  # follow-ups re-sent
+
+    # 2. execute: one verdict per candidate, however often
+    for problem_id in problem_ids * 2:
+        tasks.execute_problem(iteration.id, problem_id)
+    assert count(store, Execution, Execution.iteration_id == iteration.id) == candidates
+    assert queue_length(broker_url, "labeling") == 2 * len(problem_ids)
+
+    # 3. label: scores and labels once; the iteration then asks for its retraining
+    for problem_id in problem_ids * 2:
+        tasks.label_problem(iteration.id, problem_id)
+    store.expire_all()
+    assert count(store, Score) == candidates
+    labels = count(store, HardNegativeLabel)
+    assert labels == count(store, HardNegativeLabel, HardNegativeLabel.iteration_id == iteration.id)
+    failing = count(store, Execution, Execution.verdict != Verdict.OK)
+    assert 0 < labels <= failing
+    runs = store.scalars(select(TrainingRun)).all()
+    assert [(r.kind, r.status, r.params["trigger"]) for r in runs] == [
+        (RunKind.REWARD, RunStatus.QUEUED, "iteration_end")
+    ]
+    assert queue_length(broker_url, "training") == 1
+
+
+def test_concurrent_labelers_trigger_one_retraining(store, broker_url, flywheel_env, monkeypatch):
+    """Two labelers cross the threshold at once, in two transactions; the unique
+    partial index lets one create the run, and the other gets that run back."""
+    from app import flywheel
+
+    problem = make_problem(store)
+    reward = register_reward_model(store, Path(flywheel_env["RR_REWARD_MODEL"]))
+    iteration = collecting_iteration(store, problem, reward)
+    for _ in range(2):
+        candidate = make_candidate(
+            store, problem=problem, verdict=Verdict.WRONG_ANSWER, iteration_id=iteration.id
+        )
+        store.add(HardNegativeLabel(candidate_id=candidate.id, reward_model_version_id=reward.id,
+                                    iteration_id=iteration.id, rule="test"))  # fmt: skip
+    store.commit()
+    monkeypatch.setattr(flywheel.get_settings(), "retrain_threshold", 2)
+
+    first_inserted = threading.Event()
+    results = {}
+
+    def labeler(name: str, hold_s: float) -> None:
+        with db.get_sessionmaker()() as session:
+            if name == "second":
+                first_inserted.wait(10)
+            run = flywheel.maybe_trigger_retraining(session, iteration.id)
+            if name == "first":
+                first_inserted.set()
+                threading.Event().wait(hold_s)  # the second now blocks on the index
+            session.commit()
+            results[name] = run
+
+    threads = [threading.Thread(target=labeler, args=(n, 1.0)) for n in ("first", "second")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert results["first"] is not None and results["second"] is None
+    assert count(store, TrainingRun) == 1
+    assert queue_length(broker_url, "training") == 1
+
+
+def test_a_crashed_training_registers_nothing_and_can_be_enqueued_again(
+    store, flywheel_env, tmp_path, tiny_model_dir, monkeypatch
+):
+    from app import flywheel
+
+    problem_ids = add_problems(store, 2)
+    for problem_id in problem_ids:  # pairs to train on: a failing and a passing candidate
+        problem = store.get(flywheel.Problem, problem_id)
+        make_candidate(
+            store, problem=problem, code=problem.reference_solution + "\n", verdict=Verdict.OK
+        )
+        make_candidate(
+            store, problem=problem, code="def x():\n    pass\n", verdict=Verdict.WRONG_ANSWER
+        )
+    store.commit()
+    broken = tmp_path / "broken-backbone"
+    broken.mkdir()
+    for item in tiny_model_dir.iterdir():
+        (broken / item.name).write_bytes(item.read_bytes())
+    (broken / "model.safetensors").write_bytes(b"not weights")  # fails mid-load, after config
+    monkeypatch.setattr(flywheel.get_settings(), "reward_model", str(broken))
+
+    run, created = enqueue_training(store, RunKind.REWARD)
+    store.commit()
+    assert created
+    tasks.run_training(run.id)
+    store.expire_all()
+    failed = store.get(TrainingRun, run.id)
+    assert failed.status == RunStatus.FAILED and "safetensors" in failed.error.lower()
+    assert count(store, ModelVersion, ModelVersion.kind == ModelKind.REWARD) == 0
+    reward_dir = Path(flywheel_env["RR_DATA_DIR"]) / "models" / "reward"
+    assert not reward_dir.exists() or list(reward_dir.iterdir()) == []
+
+    monkeypatch.setattr(flywheel.get_settings(), "reward_model", str(tiny_model_dir))
+    again, created = enqueue_training(store, RunKind.REWARD)
+    store.commit()
+    assert created and again.id != run.id
+    tasks.run_training(again.id)
+    store.expire_all()
+    assert store.get(TrainingRun, again.id).status == RunStatus.SUCCEEDED
+    version = store.scalars(select(ModelVersion).where(ModelVersion.kind == ModelKind.REWARD)).one()
+    assert store.get(TrainingRun, again.id).result_model_version_id == version.id
+    assert Path(version.path, "config.json").is_file()
+
+
+def test_reconcile_fails_a_run_whose_worker_died_and_resends_queued_ones(store, broker_url):
+    from datetime import timedelta
+
+    from models.base import utcnow
+
+    stale = TrainingRun(kind=RunKind.REWARD, status=RunStatus.RUNNING,
+                        heartbeat_at=utcnow() - timedelta(hours=1))  # fmt: skip
+    queued = TrainingRun(kind=RunKind.POLICY)
+    store.add_all([stale, queued])
+    store.commit()
+    counts = reconcile(store, stale_after=timedelta(minutes=10))
+    store.commit()
+    assert counts == {"stale_runs_failed": 1, "runs_resent": 1}
+    store.expire_all()
+    assert store.get(TrainingRun, stale.id).status == RunStatus.FAILED
+    assert "heartbeat" in store.get(TrainingRun, stale.id).error
+    assert queue_length(broker_url, "training") == 1
+    # The failed run no longer blocks a new one of its kind.
+    assert enqueue_training(store, RunKind.REWARD)[1] is True
+
+
+def test_sandbox_errors_are_never_labelled(store, tiny_model_dir):
+    from app import flywheel
+
+    problem = make_problem(store)
+    reward = register_reward_model(store, tiny_model_dir)
+    iteration = collecting_iteration(store, problem, reward)
+    lost = make_candidate(
+        store, problem=problem, verdict=Verdict.SANDBOX_ERROR, iteration_id=iteration.id
+    )
+    make_candidate(store, problem=problem, verdict=Verdict.OK, iteration_id=iteration.id)
+    for _ in range(3):
+        make_candidate(
+            store, problem=problem, verdict=Verdict.WRONG_ANSWER, iteration_id=iteration.id
+        )
+    flywheel.label_problem(store, iteration.id, problem.id)
+    assert count(store, Score, Score.candidate_id == lost.id) == 0
+    assert count(store, HardNegativeLabel, HardNegativeLabel.candidate_id == lost.id) == 0
+    assert count(store, Score) == 4
+    # Collection is complete without a score for the SANDBOX_ERROR candidate.
+    assert flywheel._collected(flywheel.problem_progress(store, iteration))
