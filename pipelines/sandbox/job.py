@@ -9,7 +9,10 @@ from models.enums import Verdict
 class Limits:
     """Per-run limits; the defaults suit HumanEval/MultiPL-E style unit tests."""
 
-    timeout_s: float = field(default=10.0, metadata={"help": "Wall-clock limit of one run."})
+    timeout_s: float = field(
+        default=10.0,
+        metadata={"help": "Wall-clock limit of one run (per case in stdin/stdout mode)."},
+    )
     memory_mb: int = field(
         default=512, metadata={"help": "Memory of the whole sandbox (every process of it)."}
     )

@@ -9,6 +9,7 @@ are cached by a hash of the compile command and the program text.
 import atexit
 import contextlib
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -52,6 +53,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 TAIL_CHARS = 4000
 COMPILE_TIMEOUT_S = 60.0
 COMPILE_MEMORY_MB = 2048
+CACHE_MAX_ENTRIES = 20_000  # a compiled candidate takes tens of kB to a few MB
 ZYGOTE_COMPILE_ERROR = 97  # zygote.COMPILE_ERROR_STATUS; zygote.py is not importable here
 SIGXCPU = int(signal.SIGXCPU)
 # The zygote, bwrap's init and its own bookkeeping live in the slot's cgroup too.
@@ -395,6 +397,8 @@ def _compiled(slot: Slot, recipe: Recipe, program: str) -> tuple[Path | None, Ra
     key = hashlib.sha256("\0".join([*recipe.compile, program]).encode()).hexdigest()
     final = CACHE_DIR / key
     if (final / "ok").exists():
+        with contextlib.suppress(OSError):
+            os.utime(final)  # recently used: pruning keeps it
         return final, RawRun()
     if (final / "error.txt").exists():
         return None, RawRun(exit_code=1, stderr=(final / "error.txt").read_bytes())
@@ -419,7 +423,24 @@ def _compiled(slot: Slot, recipe: Recipe, program: str) -> tuple[Path | None, Ra
         staging.rename(final)
     except OSError:  # another worker cached the same program first
         shutil.rmtree(staging)
+    else:
+        _prune_cache_now_and_then()
     return (final if run.exit_code == 0 else None), run
+
+
+_new_cache_entries = itertools.count(1)
+
+
+def _prune_cache_now_and_then() -> None:
+    """Keep the newest CACHE_MAX_ENTRIES artefact folders; checked every 256 new ones."""
+    if next(_new_cache_entries) % 256:
+        return
+    entries = [e for e in os.scandir(CACHE_DIR) if not e.name.startswith(".")]
+    if len(entries) <= CACHE_MAX_ENTRIES:
+        return
+    entries.sort(key=lambda entry: entry.stat().st_mtime)
+    for entry in entries[: len(entries) - CACHE_MAX_ENTRIES]:
+        shutil.rmtree(entry.path, ignore_errors=True)
 
 
 def _typescript_dir() -> Path:
