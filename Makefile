@@ -28,8 +28,7 @@ node_modules/.package-lock.json: package.json package-lock.json
 	npm ci --no-audit --no-fund
 
 demo: setup
-	$(BIN)/rewardranker problems import humaneval
-	$(BIN)/rewardranker store summary
+	$(BIN)/rewardranker flywheel run
 
 test: setup
 	$(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
