@@ -274,6 +274,9 @@ def _candidate_rows(session: Session, in_scope: Select) -> Iterator[dict[str, An
         .outerjoin(Iteration, Iteration.id == Candidate.iteration_id)
         .where(Candidate.id.in_(in_scope))
         .order_by(Candidate.id)
+        # Programs are the bulk of the store: stream them (a server-side cursor
+        # on Postgres) instead of holding every row in memory.
+        .execution_options(yield_per=_BATCH_ROWS)
     )
     for row in rows:
         yield {
@@ -350,6 +353,7 @@ def _pair_rows(session: Session, in_scope: Select, number: int) -> Iterator[dict
         .join(Execution, Execution.candidate_id == Candidate.id)
         .where(Candidate.id.in_(in_scope), Execution.verdict != Verdict.SANDBOX_ERROR)
         .order_by(Candidate.problem_id, Candidate.id)
+        .execution_options(yield_per=_BATCH_ROWS)
     )
     for problem_id, group in groupby(executed, key=lambda row: row.problem_id):
         problem = problems[problem_id]
