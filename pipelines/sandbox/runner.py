@@ -408,7 +408,7 @@ def _compiled(slot: Slot, recipe: Recipe, program: str) -> tuple[Path | None, Ra
     staging.chmod(0o755)
     ro_binds = [(str(slot.src), SRC)]
     if recipe.language == Language.TYPESCRIPT:
-        ro_binds.append((str(_typescript_dir()), TYPESCRIPT_DIR))
+        ro_binds.append((str(typescript_dir()), TYPESCRIPT_DIR))
     launch = Launch(list(recipe.compile), ro_binds=ro_binds, rw_binds=[(str(staging), BUILD)])
     limits = Limits(COMPILE_TIMEOUT_S, COMPILE_MEMORY_MB, 64 * 1024)
     run = _run_cold(slot, launch, recipe, limits, None, {BUILD: staging})
@@ -443,7 +443,7 @@ def _prune_cache_now_and_then() -> None:
         shutil.rmtree(entry.path, ignore_errors=True)
 
 
-def _typescript_dir() -> Path:
+def typescript_dir() -> Path:
     candidates = [REPO_ROOT / "node_modules" / "typescript"]
     candidates += [
         Path("/usr/lib/node_modules/typescript"),
@@ -548,7 +548,7 @@ def _on_host_paths(slot: Slot, launch: Launch, paths: dict[str, Path]) -> Launch
     """Insecure mode: the same command with the host folders the sandbox would have bound."""
     mapping = {SRC: str(slot.src), JOB: str(slot.job), **{k: str(v) for k, v in paths.items()}}
     if any(TYPESCRIPT_DIR in arg for arg in launch.argv):
-        mapping[TYPESCRIPT_DIR] = str(_typescript_dir())
+        mapping[TYPESCRIPT_DIR] = str(typescript_dir())
     argv = []
     for arg in launch.argv:
         for prefix, folder in mapping.items():

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import pytest
 
 from pipelines.sandbox.languages import BUILD, RECIPES
+from pipelines.sandbox.runner import typescript_dir
 
 IN_CI = os.environ.get("CI") == "true"
 
@@ -169,6 +170,11 @@ def require_toolchain(language: str) -> None:
     if not recipe.run[0].startswith(BUILD):  # not an artefact of the compile step
         binaries.append(recipe.run[0])
     missing = [b for b in binaries if shutil.which(b) is None]
+    if language == "typescript":
+        try:
+            typescript_dir()
+        except FileNotFoundError as error:
+            missing.append(str(error))
     if missing:
         message = f"{language} toolchain missing: {', '.join(missing)}"
         if IN_CI:
