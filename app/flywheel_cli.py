@@ -188,24 +188,26 @@ def status(
 
 
 def print_report(rows: list[dict[str, Any]]) -> None:
+    """One line per iteration and language: what was collected and how reranking did."""
     table = Table(
-        "iter", "status", "candidates", "verdicts", "hard neg", "RM acc",
-        "pass@1 random / reranked / oracle", "gen", "RM", "dvc", title="iterations",
+        "iter", "status", "cand", "verdicts", "hard neg", "RM acc", "lang",
+        "pass@1 random", "reranked", "oracle", "dvc", title="flywheel iterations",
     )  # fmt: skip
     for row in rows:
-        verdicts = " ".join(f"{k[:2]}={v}" for k, v in sorted(row["verdicts"].items()))
-        accuracy = row["reward_accuracy"]
-        passes = "; ".join(
-            f"{language}: {_fmt(m.get('random_pass1'))} / {_fmt(m.get('reranked_pass1'))} / "
-            f"{_fmt(m.get('oracle_pass_n'))}"
-            for language, m in row["evaluation"].items()
-        )
-        table.add_row(
-            str(row["number"]), row["status"], str(row["candidates"]), verdicts,
-            str(row["hard_negatives"]), _fmt(accuracy), passes or "-",
-            str(row["generator_version"]), str(row["reward_model_version"]), row["dvc_tag"] or "-",
-        )  # fmt: skip
+        verdicts = " ".join(f"{_abbrev(k)}={v}" for k, v in sorted(row["verdicts"].items()))
+        head = [str(row["number"]), row["status"], str(row["candidates"]), verdicts,
+                str(row["hard_negatives"]), _fmt(row["reward_accuracy"])]  # fmt: skip
+        evaluation = row["evaluation"] or {"-": {}}
+        for language, m in evaluation.items():
+            passes = [_fmt(m.get(k)) for k in ("random_pass1", "reranked_pass1", "oracle_pass_n")]
+            table.add_row(*head, language, *passes, row["dvc_tag"] or "-")
+            head = [""] * len(head)
     console.print(table)
+
+
+def _abbrev(verdict: str) -> str:
+    """WRONG_ANSWER -> WA; OK stays OK."""
+    return "".join(word[0] for word in verdict.split("_")) if "_" in verdict else verdict
 
 
 def _fmt(value: float | None) -> str:
