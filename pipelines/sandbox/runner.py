@@ -172,16 +172,15 @@ class Slot:
             os.chown(self.job, self.host.uid, self.host.gid)
 
     def start_zygote(self) -> None:
+        zygote = _readable_copy(ZYGOTE_SCRIPT)
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         if self.host.isolated:
             argv = ["/usr/bin/python3", "-I", "-B", "/rr/zygote.py", str(theirs.fileno())]
             argv += [SRC, JOB, JOB, "/tmp", "/dev/shm"]
         else:
-            argv = ["/usr/bin/python3", "-I", "-B", str(ZYGOTE_SCRIPT), str(theirs.fileno())]
+            argv = ["/usr/bin/python3", "-I", "-B", str(zygote), str(theirs.fileno())]
             argv += [str(self.src), str(self.job), str(self.job)]
-        launch = Launch(
-            argv, ro_binds=[(str(self.src), SRC), (str(ZYGOTE_SCRIPT), "/rr/zygote.py")]
-        )
+        launch = Launch(argv, ro_binds=[(str(self.src), SRC), (str(zygote), "/rr/zygote.py")])
         with open(self.folder / "zygote.log", "ab") as log:
             self.zygote = isolation.start(
                 self.host,
@@ -444,6 +443,12 @@ def _prune_cache_now_and_then() -> None:
 
 
 def typescript_dir() -> Path:
+    """The pinned TypeScript compiler, copied where the sandbox user can read it.
+
+    The checkout may sit under a folder only its owner can enter (a CI clone in
+    a 0700 temp folder); bwrap binds paths as the sandbox user, so the compiler
+    is copied once per version into the world-readable runtime folder.
+    """
     candidates = [REPO_ROOT / "node_modules" / "typescript"]
     candidates += [
         Path("/usr/lib/node_modules/typescript"),
@@ -451,8 +456,33 @@ def typescript_dir() -> Path:
     ]
     for folder in candidates:
         if (folder / "bin" / "tsc").exists():
-            return folder
+            return _readable_copy(folder)
     raise FileNotFoundError("the TypeScript compiler is missing: run `npm ci` in the repository")
+
+
+def _readable_copy(source: Path) -> Path:
+    """`source` (a file or folder) copied once, by content version, under RUNTIME_DIR."""
+    version_file = source / "package.json" if source.is_dir() else source
+    digest = hashlib.sha256(version_file.read_bytes()).hexdigest()[:16]
+    target = RUNTIME_DIR / f"{source.name}-{digest}"
+    if target.exists():
+        return target
+    RUNTIME_DIR.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=RUNTIME_DIR, prefix=".copy-"))
+    staging.chmod(0o755)
+    if source.is_dir():
+        shutil.copytree(source, staging / "tree")
+    else:
+        shutil.copy(source, staging / "tree")
+    for root, folders, files in os.walk(staging):
+        for name in folders:
+            os.chmod(os.path.join(root, name), 0o755)
+        for name in files:
+            os.chmod(os.path.join(root, name), 0o644)
+    with contextlib.suppress(OSError):  # another process may have copied it first
+        (staging / "tree").rename(target)
+    shutil.rmtree(staging, ignore_errors=True)
+    return target
 
 
 # 4. running
