@@ -7,12 +7,15 @@ GRPO is TRL's maintained PPO-clip trainer: no value model, the baseline is the m
 reward of several completions of the same prompt, and the sandbox verdict can join
 the reward model as a second reward.
 
-The policy completes each problem's prompt as plain text: the reward model scores
-prompt + completion, and the sandbox runs prompt + completion before the tests.
+The policy completes each problem's prompt as plain text (no chat template). Under
+GRPO a completion is judged as the program the store would keep, prompt + completion
+cut at the language's stop sequences; PPO's trainer scores the tokens up to EOS.
 """
 
+import copy
 import json
 import shutil
+import tempfile
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
@@ -23,7 +26,7 @@ from typing import Literal
 import torch
 from datasets import Dataset
 from sqlalchemy.orm import Session
-from transformers import PreTrainedTokenizerBase, Trainer, TrainerCallback
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainerCallback
 from trl import GRPOConfig, GRPOTrainer
 
 from models import ModelVersion
@@ -174,7 +177,8 @@ def update_policy(
     if not prompts:
         raise ValueError("no prompts to train the policy on")
     if config.verdict_reward:
-        missing = sorted({p.problem_id for p in prompts if p.problem_id not in (tests or {})})
+        tests = tests or {}
+        missing = sorted({p.problem_id for p in prompts if tests.get(p.problem_id) is None})
         if missing:
             raise ValueError(
                 f"verdict_reward needs the tests of every prompt; none for problems {missing[:10]}"
@@ -182,7 +186,6 @@ def update_policy(
     resolve_model(generator)  # raise ModelNotFoundError naming a missing spec now
     resolve_model(reward_model)
     tokenizer = load_tokenizer(generator)
-    callbacks = [ProgressCallback(progress)] if progress else []
 
     # 2. train
     started = time.perf_counter()
@@ -192,8 +195,8 @@ def update_policy(
         trainer = _grpo_trainer(
             generator, reward_model, tokenizer, prompts, config, output_dir, tests
         )
-    for callback in callbacks:
-        trainer.add_callback(callback)
+    if progress:
+        trainer.add_callback(ProgressCallback(progress))
     trainer.train()
     seconds = time.perf_counter() - started
 
@@ -305,18 +308,21 @@ def _ppo_trainer(
         report_to="none",
         bf16=_bf16_available(),
     )
+    policy = _trainable(load_causal_lm(generator), generator)
+    reward = load_sequence_classifier(reward_model)
+    # The critic starts as a copy of the reward model, as in TRL's PPO examples: it
+    # already reads code quality, so its value estimates are useful from the first batch.
+    value = _trainable(copy.deepcopy(reward), reward_model)
     # Left padding: the trainer appends each response right after its query.
     tokenizer.padding_side = "left"
     queries = Dataset.from_dict({"input_ids": [tokenizer(p.prompt).input_ids for p in prompts]})
     return PPOTrainer(
         args=args,
         processing_class=tokenizer,
-        model=load_causal_lm(generator),
-        ref_model=load_causal_lm(generator),
-        reward_model=load_sequence_classifier(reward_model),
-        # The critic starts from the reward model, as in TRL's PPO examples: it already
-        # reads code quality, so the value estimates are useful from the first batch.
-        value_model=load_sequence_classifier(reward_model),
+        model=policy,
+        ref_model=None,  # the trainer takes a frozen deep copy of the policy
+        reward_model=reward,
+        value_model=value,
         train_dataset=queries,
     )
 
@@ -330,7 +336,6 @@ def _grpo_trainer(
     output_dir: Path,
     tests: Mapping[int, str] | None,
 ) -> Trainer:
-    source = resolve_model(generator)
     batch_size = min(config.batch_size, len(prompts))  # the trainer drops incomplete batches
     args = GRPOConfig(
         output_dir=str(output_dir),
@@ -343,9 +348,6 @@ def _grpo_trainer(
         beta=config.kl_coef,
         learning_rate=config.learning_rate,
         seed=config.seed,
-        # The trainer loads the policy and its reference copy from the location itself;
-        # a GGUF needs its file name for that.
-        model_init_kwargs=source.kwargs or None,
         logging_steps=1,
         save_strategy="no",
         report_to="none",
@@ -358,13 +360,33 @@ def _grpo_trainer(
         columns["tests"] = [tests[p.problem_id] for p in prompts]
         reward_funcs.append(sandbox_verdict)
     tokenizer.padding_side = "left"  # generation continues each prompt from its right edge
-    return GRPOTrainer(
-        model=source.location,
-        reward_funcs=reward_funcs,
-        args=args,
-        train_dataset=Dataset.from_dict(columns),
-        processing_class=tokenizer,
-    )
+    source = resolve_model(generator)
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=output_dir.parent, prefix=".policy-") as scratch:
+        if source.gguf_file:
+            # The trainer loads the policy and its reference copy from a folder or id by
+            # their config, which a GGUF lacks: dequantize it into a folder first.
+            _trainable(load_causal_lm(generator), generator).save_pretrained(scratch)
+        return GRPOTrainer(
+            model=scratch if source.gguf_file else source.location,
+            reward_funcs=reward_funcs,
+            args=args,
+            train_dataset=Dataset.from_dict(columns),
+            processing_class=tokenizer,
+        )
+
+
+def _trainable(model: PreTrainedModel, spec: str) -> PreTrainedModel:
+    """`model` with a GGUF's quantizer detached. transformers keeps the quantizer on a
+    model whose GGUF blocks it unpacked into float weights at load, and a model with a
+    quantizer refuses to train or save; the weights themselves are ordinary."""
+    quantizer = getattr(model, "hf_quantizer", None)  # set only by quantized loads
+    if quantizer is None:
+        return model
+    if not all(parameter.dtype.is_floating_point for parameter in model.parameters()):
+        raise ValueError(f"{spec}: its GGUF weights stayed packed, and packed weights cannot train")
+    quantizer.remove_quantization_config(model)
+    return model
 
 
 def _bf16_available() -> bool:
@@ -387,7 +409,7 @@ def _metrics(
         "train_seconds": round(seconds, 3),
         "reward_first": steps[0][reward_key],
         "reward_last": steps[-1][reward_key],
-        "kl_last": steps[-1].get(kl_key),
+        "kl_last": steps[-1].get(kl_key),  # GRPO logs no KL when kl_coef is 0
     }
     if config.verdict_reward:
         metrics["pass_rate_last"] = steps[-1]["rewards/sandbox_verdict/mean"]
