@@ -221,6 +221,13 @@ class _SlotPool:
         self._all: list[Slot] = []
         self._lock = threading.Lock()
         self._owner = os.getpid()
+        # bwrap --die-with-parent kills the sandbox when the *thread* that started
+        # it exits, and run_batch's threads end with each batch: zygotes are
+        # therefore started from this one long-lived thread instead.
+        self._spawner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sandbox-spawner")
+
+    def start_zygote(self, slot: "Slot") -> None:
+        self._spawner.submit(slot.start_zygote).result()
 
     def acquire(self, host: Host) -> Slot:
         if self._owner != os.getpid():
@@ -598,7 +605,7 @@ def _run_in_zygote(slot: Slot, stdin_path: Path | None, token: str, limits: Limi
         for _attempt in range(2):
             if slot.zygote is None or slot.zygote.poll() is not None:
                 slot.stop_zygote()
-                slot.start_zygote()
+                _POOL.start_zygote(slot)
             assert slot.control is not None
             try:
                 socket.send_fds(slot.control, [request], [stdin_fd, out_write, err_write])

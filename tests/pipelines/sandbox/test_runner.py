@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from models.enums import Verdict
-from pipelines.sandbox import ExecutionResult, Job, Limits, run_batch, run_one
+from pipelines.sandbox import ExecutionResult, Job, Limits, run_batch, run_one, runner
 from pipelines.sandbox.runner import CACHE_DIR
 
 from .conftest import require_toolchain
@@ -146,3 +146,12 @@ def test_refuses_without_isolation_unless_insecure_is_set() -> None:
     )
     shutil.rmtree(runtime)
     assert allowed.stdout.strip() == "OK", allowed.stderr
+
+
+def test_warm_interpreters_outlive_the_batch_threads() -> None:
+    """bwrap dies with the thread that started it; batch threads must not take zygotes along."""
+    jobs = [Job("python", "x = 1\n", "assert x == 1\n") for _ in range(4)]
+    assert {r.verdict for r in run_batch(jobs, workers=2)} == {Verdict.OK}
+    time.sleep(0.3)
+    slots = runner._POOL._all
+    assert slots and all(s.zygote is not None and s.zygote.poll() is None for s in slots)
