@@ -111,36 +111,37 @@ def build_pairs(
     candidates of the same problem, hard negatives first. Sandbox errors are no
     verdict on the program, so they are never used."""
     problems = select(Problem.id, Problem.prompt, Problem.reference_solution)
-    if problem_ids is not None:
-        problems = problems.where(Problem.id.in_(problem_ids))
-    prompts, chosen = {}, defaultdict(dict)
-    for problem_id, prompt, reference in session.execute(problems.order_by(Problem.id)):
-        prompts[problem_id] = prompt
-        if reference:
-            chosen[problem_id][content_hash(reference)] = reference
-
-    hard_ids = set(session.scalars(select(HardNegativeLabel.candidate_id)))
-    rejected: dict[int, list[tuple[bool, int, str]]] = defaultdict(list)
-    rows = session.execute(
+    candidates = (
         select(
             Candidate.id,
             Candidate.problem_id,
             Candidate.content_hash,
             Candidate.code,
             Execution.verdict,
+            Candidate.id.in_(select(HardNegativeLabel.candidate_id)).label("hard"),
         )
         .join(Execution, Execution.candidate_id == Candidate.id)
-        .where(Candidate.problem_id.in_(prompts), Execution.verdict != Verdict.SANDBOX_ERROR)
+        .where(Execution.verdict != Verdict.SANDBOX_ERROR)
         .order_by(Candidate.id)
     )
-    for candidate_id, problem_id, code_hash, code, verdict in rows:
+    if problem_ids is not None:
+        problems = problems.where(Problem.id.in_(problem_ids))
+        candidates = candidates.where(Candidate.problem_id.in_(problem_ids))
+
+    prompts, chosen = {}, defaultdict(dict)
+    for problem_id, prompt, reference in session.execute(problems):
+        prompts[problem_id] = prompt
+        if reference:
+            chosen[problem_id][content_hash(reference)] = reference
+    rejected: dict[int, list[tuple[bool, int, str]]] = defaultdict(list)
+    for candidate_id, problem_id, code_hash, code, verdict, hard in session.execute(candidates):
         if verdict == Verdict.OK:
             chosen[problem_id].setdefault(code_hash, code)
         else:
-            rejected[problem_id].append((candidate_id not in hard_ids, candidate_id, code))
+            rejected[problem_id].append((not hard, candidate_id, code))
 
     pairs = []
-    for problem_id, failing in rejected.items():
+    for problem_id, failing in sorted(rejected.items()):
         ordered = [code for _, _, code in sorted(failing)]  # hard negatives (False) sort first
         winners = list(chosen[problem_id].values())
         for winner, loser in _round_robin(winners, ordered, max_pairs_per_problem):
@@ -172,6 +173,13 @@ def _load(spec: str) -> tuple[Any, Any]:
         raise ModelNotFoundError(
             f"{spec}: the installed gguf {metadata.version('gguf')} cannot read this file: {error}"
         ) from error
+    # A GGUF loads as float weights but keeps its quantizer attached, and the
+    # trainer refuses to fine-tune (and save) any model with one.
+    quantizer = getattr(model, "hf_quantizer", None)  # set only by quantized loads
+    if quantizer is not None:
+        if not all(parameter.dtype.is_floating_point for parameter in model.parameters()):
+            raise ValueError(f"{spec}: its quantized weights stayed packed and cannot train")
+        quantizer.remove_quantization_config(model)
     # The head reads the last non-pad token, so the model must know which id pads.
     model.config.pad_token_id = tokenizer.pad_token_id
     return tokenizer, model
@@ -410,10 +418,9 @@ def train_and_register_reward_model(
     (the version whose hard negatives fed this one).
     """
     pairs = build_pairs(session)
-    if not pairs:
-        raise ValueError("empty pair set: no problem has both a passing and a failing candidate")
     stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
-    name = f"reward-{stamp}-{uuid.uuid4().hex[:8]}"
+    iteration = f"it{iteration_id}-" if iteration_id is not None else ""
+    name = f"reward-{iteration}{stamp}-{uuid.uuid4().hex[:8]}"
     folder = Path(data_dir).resolve() / "models" / "reward" / name
     staging = folder.with_name(f".{name}.tmp")
     folder.parent.mkdir(parents=True, exist_ok=True)
@@ -428,13 +435,12 @@ def train_and_register_reward_model(
         parent_id=parent_id,
         base_model=config.backbone,
         path=str(folder),
-        metrics={**metrics, "config": asdict(config), "iteration_id": iteration_id},
+        metrics=metrics,  # the config is in the folder's reward_config.json
     )
     try:
         session.add(version)
         session.flush()
     except BaseException:
-        session.expunge(version)
-        shutil.rmtree(folder, ignore_errors=True)
+        shutil.rmtree(folder, ignore_errors=True)  # the caller rolls the row back
         raise
     return version

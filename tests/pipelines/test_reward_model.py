@@ -289,3 +289,17 @@ def test_empty_store_registers_nothing(session, tiny_model_dir, tmp_path):
     assert not (tmp_path / "models" / "reward").exists() or not any(
         (tmp_path / "models" / "reward").iterdir()
     )
+
+
+@pytest.mark.slow
+def test_bundled_gguf_backbone_trains_and_scores(tmp_path):
+    """The default backbone: SmolLM2 from its GGUF, dequantized, gets a head and trains."""
+    config = RewardConfig(epochs=1, batch_size=2, max_length=32, eval_fraction=0.5)
+    assert config.backbone == "bundled:smollm2"
+
+    metrics = train_reward_model(separable_pairs(4), config, tmp_path / "rm")
+
+    assert (metrics["train_pairs"], metrics["eval_pairs"]) == (2, 2)
+    assert math.isfinite(metrics["train_loss"])
+    scores = RewardScorer(tmp_path / "rm").score(["def f(x):\n"] * 2, ["return x", "raise"])
+    assert len(scores) == 2 and all(math.isfinite(s) for s in scores)
