@@ -80,19 +80,7 @@ def hard_negative_rule(
     """
     if any(other.problem_id != candidate.problem_id for other in problem_candidates):
         raise ValueError(f"problem_candidates mix problems with problem {candidate.problem_id}")
-    if candidate.passed:
-        return None
-    if policy.rule == RULE_RANDOM:
-        # Seeded by (seed, id) rather than one shared stream, so the pick of a
-        # candidate does not depend on the order or the batch it arrives in.
-        draw = random.Random(f"{policy.seed}:{candidate.candidate_id}").random()
-        return RULE_RANDOM if draw < policy.random_rate else None
-    passing_scores = [other.score for other in problem_candidates if other.passed]
-    if passing_scores:
-        return RULE_ABOVE_LOWEST_PASSING if candidate.score >= min(passing_scores) else None
-    scores = [other.score for other in problem_candidates] or [candidate.score]
-    threshold = float(np.quantile(scores, policy.quantile))
-    return RULE_ABOVE_QUANTILE if candidate.score > threshold else None
+    return _judge(candidate, _problem_bar(problem_candidates or [candidate], policy), policy)
 
 
 def mine_hard_negatives(
@@ -102,9 +90,37 @@ def mine_hard_negatives(
     by_problem: dict[int, list[ScoredCandidate]] = defaultdict(list)
     for candidate in candidates:
         by_problem[candidate.problem_id].append(candidate)
+    # One bar per problem, not per candidate: a problem can have hundreds of samples.
+    bars = {problem_id: _problem_bar(group, policy) for problem_id, group in by_problem.items()}
     mined = []
     for candidate in candidates:
-        rule = hard_negative_rule(candidate, by_problem[candidate.problem_id], policy)
+        rule = _judge(candidate, bars[candidate.problem_id], policy)
         if rule is not None:
             mined.append((candidate.candidate_id, rule))
     return mined
+
+
+def _problem_bar(
+    problem_candidates: Sequence[ScoredCandidate], policy: MiningPolicy
+) -> tuple[str, float, bool]:
+    """The rule that applies to a problem, its score bar, and whether a tie reaches it."""
+    passing_scores = [other.score for other in problem_candidates if other.passed]
+    if passing_scores:
+        return RULE_ABOVE_LOWEST_PASSING, min(passing_scores), True
+    scores = [other.score for other in problem_candidates]
+    return RULE_ABOVE_QUANTILE, float(np.quantile(scores, policy.quantile)), False
+
+
+def _judge(
+    candidate: ScoredCandidate, bar: tuple[str, float, bool], policy: MiningPolicy
+) -> str | None:
+    if candidate.passed:
+        return None
+    if policy.rule == RULE_RANDOM:
+        # Seeded by (seed, id) rather than one shared stream, so the pick of a
+        # candidate does not depend on the order or the batch it arrives in.
+        draw = random.Random(f"{policy.seed}:{candidate.candidate_id}").random()
+        return RULE_RANDOM if draw < policy.random_rate else None
+    rule, threshold, ties_count = bar
+    reached = candidate.score >= threshold if ties_count else candidate.score > threshold
+    return rule if reached else None

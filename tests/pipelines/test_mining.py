@@ -87,3 +87,26 @@ def test_random_policy_picks_failing_candidates_at_its_rate_independent_of_order
 def test_invalid_policy_is_refused(kwargs):
     with pytest.raises(ValueError):
         MiningPolicy(**kwargs)
+
+
+@pytest.mark.parametrize("policy", [DEFAULT, MiningPolicy(quantile=0.5)])
+def test_mining_a_set_agrees_with_the_rule_per_candidate(policy):
+    import random
+
+    rng = random.Random(7)
+    candidates = [
+        # Problems 0-2 have passing candidates, 3-5 none; scores are coarse so ties occur.
+        scored(
+            i, problem_id=i % 6, passed=i % 6 < 3 and rng.random() < 0.3, score=rng.randint(0, 9)
+        )
+        for i in range(300)
+    ]
+    groups = {p: [c for c in candidates if c.problem_id == p] for p in range(6)}
+    expected = [
+        (c.candidate_id, rule)
+        for c in candidates
+        if (rule := hard_negative_rule(c, groups[c.problem_id], policy)) is not None
+    ]
+    mined = mine_hard_negatives(candidates, policy)
+    assert mined == expected
+    assert {rule for _, rule in mined} == {"above_lowest_passing", "above_quantile"}
