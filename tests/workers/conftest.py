@@ -18,7 +18,8 @@ from models.enums import ModelKind
 from tests.conftest import PG_ADMIN_DSN, _pg_url
 from workers.celery_app import broker_options, celery
 
-BROKER_DB = 12  # not the conftest's 15: other suites may use that one
+BROKER_DBS = range(1, 11)  # not 0, 11 (bench/flywheel.py) or the conftest's 15
+CLAIM_KEY = "rr-workers-test-claim"
 
 
 @pytest.fixture
@@ -35,10 +36,22 @@ def worker_db(pg_url: str) -> Iterator[str]:
 
 
 @pytest.fixture
-def broker_url(redis_url: str) -> str:
-    url = redis_url.rsplit("/", 1)[0] + f"/{BROKER_DB}"
-    redis.Redis.from_url(url).flushdb()
-    return url
+def broker_url(redis_url: str) -> Iterator[str]:
+    """A Redis database of its own: claimed with SET NX, so two test runs at once
+    (or another suite's workers) never consume each other's messages."""
+    token = uuid.uuid4().hex
+    for number in BROKER_DBS:
+        url = redis_url.rsplit("/", 1)[0] + f"/{number}"
+        client = redis.Redis.from_url(url)
+        if client.set(CLAIM_KEY, token, nx=True, ex=3600):
+            for key in client.scan_iter():
+                if key != CLAIM_KEY.encode():
+                    client.delete(key)
+            yield url
+            client = redis.Redis.from_url(url)  # Redis may have been restarted meanwhile
+            client.flushdb()
+            return
+    pytest.fail(f"no free Redis database among {list(BROKER_DBS)}")
 
 
 @pytest.fixture

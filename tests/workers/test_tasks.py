@@ -244,3 +244,25 @@ def test_sandbox_errors_are_never_labelled(store, tiny_model_dir):
     assert count(store, Score) == 4
     # Collection is complete without a score for the SANDBOX_ERROR candidate.
     assert flywheel._collected(flywheel.problem_progress(store, iteration))
+
+
+def test_train_command_enqueues_onto_the_training_queue_and_never_runs_inline(
+    store, flywheel_env, broker_url
+):
+    import os
+    import subprocess
+
+    from workers.processes import CLI
+
+    env = {**os.environ, **flywheel_env}
+    first = subprocess.run(
+        [CLI, "train", "reward"], capture_output=True, text=True, env=env, check=True
+    )
+    again = subprocess.run(
+        [CLI, "train", "reward"], capture_output=True, text=True, env=env, check=True
+    )
+    run = store.scalars(select(TrainingRun)).one()
+    assert first.stdout.strip() == f"training run {run.id} (reward) queued"
+    assert again.stdout.strip() == f"training run {run.id} (reward) already active"
+    assert run.status == RunStatus.QUEUED  # nothing trained in the CLI process
+    assert queue_length(broker_url, "training") == 1
