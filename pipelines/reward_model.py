@@ -348,6 +348,9 @@ def train_reward_model(
     trained = trainer.model.merge_and_unload() if config.lora else trainer.model
     trained.save_pretrained(output_dir)
     tokenizer.save_pretrained(output_dir)
+    del trainer, trained, model  # free the training copy before the scorer loads its own
+    if on_gpu:
+        torch.cuda.empty_cache()
 
     # 5. Measure the saved model itself on the held-out problems.
     metrics = {
