@@ -95,7 +95,7 @@ def run_one(
     """Run one candidate: test mode, or stdin/stdout mode when `io_cases` is given."""
     recipe = recipe_for(language)
     host = _usable_host()
-    slot = _POOL.acquire(host)
+    slot = _POOL.acquire(host, warm=recipe.language == Language.PYTHON)
     try:
         return _judge(slot, recipe, code, tests, io_cases, limits)
     finally:
@@ -133,8 +133,9 @@ def _usable_host() -> Host:
 class Slot:
     """One worker's cgroup, host folders and (for Python) warm zygote."""
 
-    def __init__(self, index: int, host: Host) -> None:
+    def __init__(self, index: int, host: Host, warm: bool) -> None:
         self.host = host
+        self.warm = warm  # runs Python through a zygote, never a cold sandbox
         name = f"{os.getpid()}-{index}"
         self.folder = RUNTIME_DIR / "slots" / name
         self.src = self.folder / "src"
@@ -175,10 +176,10 @@ class Slot:
         zygote = _readable_copy(ZYGOTE_SCRIPT)
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         if self.host.isolated:
-            argv = ["/usr/bin/python3", "-I", "-B", "/rr/zygote.py", str(theirs.fileno())]
+            argv = ["/usr/bin/python3", "-I", "-B", "/rr/zygote.py", str(theirs.fileno()), "pidns"]
             argv += [SRC, JOB, JOB, "/tmp", "/dev/shm"]
         else:
-            argv = ["/usr/bin/python3", "-I", "-B", str(zygote), str(theirs.fileno())]
+            argv = ["/usr/bin/python3", "-I", "-B", str(zygote), str(theirs.fileno()), "shared"]
             argv += [str(self.src), str(self.job), str(self.job)]
         launch = Launch(argv, ro_binds=[(str(self.src), SRC), (str(zygote), "/rr/zygote.py")])
         with open(self.folder / "zygote.log", "ab") as log:
@@ -214,10 +215,17 @@ class Slot:
 
 
 class _SlotPool:
-    """Slots are made on demand, one per concurrent run, and reused LIFO to stay warm."""
+    """Slots are made on demand, one per concurrent run, and reused LIFO to stay warm.
+
+    Python runs and the other languages draw from separate free lists: a cold
+    run sweeps its slot's cgroup, which would kill a zygote living there.
+    """
 
     def __init__(self) -> None:
-        self._free: queue.LifoQueue[Slot] = queue.LifoQueue()
+        self._free: dict[bool, queue.LifoQueue[Slot]] = {
+            True: queue.LifoQueue(),
+            False: queue.LifoQueue(),
+        }
         self._all: list[Slot] = []
         self._lock = threading.Lock()
         self._owner = os.getpid()
@@ -229,31 +237,31 @@ class _SlotPool:
     def start_zygote(self, slot: "Slot") -> None:
         self._spawner.submit(slot.start_zygote).result()
 
-    def acquire(self, host: Host) -> Slot:
+    def acquire(self, host: Host, warm: bool) -> Slot:
         if self._owner != os.getpid():
             # A forked worker (e.g. Celery prefork) must not share its parent's
             # zygotes and cgroups: start an empty pool of its own.
             self.__init__()
         try:
-            return self._free.get_nowait()
+            return self._free[warm].get_nowait()
         except queue.Empty:
             pass
         with self._lock:
             if not self._all:
                 _prepare_runtime_dir()
-            slot = Slot(len(self._all), host)
+            slot = Slot(len(self._all), host, warm)
             self._all.append(slot)
             return slot
 
     def release(self, slot: Slot) -> None:
-        self._free.put(slot)
+        self._free[slot.warm].put(slot)
 
     def close(self) -> None:
         with self._lock:
             for slot in self._all:
                 slot.close()
             self._all.clear()
-            self._free = queue.LifoQueue()
+            self._free = {True: queue.LifoQueue(), False: queue.LifoQueue()}
 
 
 def _prepare_runtime_dir() -> None:

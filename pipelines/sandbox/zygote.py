@@ -6,7 +6,10 @@ sandboxed interpreter costs ~14 ms more than the run itself; forking this
 already-started one costs ~1 ms, which is what lets the sandbox keep pace with
 the unisolated reference harness.
 
-Usage: zygote.py CONTROL_FD SRC_DIR JOB_DIR [DIR_TO_EMPTY ...].  On the
+Usage: zygote.py CONTROL_FD pidns|shared SRC_DIR JOB_DIR [DIR_TO_EMPTY ...].
+`pidns` says the zygote has a pid namespace of its own (under bwrap), so
+everything else in it may be killed after a run; `shared` (insecure mode,
+no bwrap) limits the sweep to the candidate's session.  On the
 control fd (a SOCK_SEQPACKET socket) the runner sends one JSON request
 `{"token": str, "cpu_s": int}` with three fds (stdin, stdout, stderr) after
 writing the program to SRC_DIR/prog.py; the zygote forks, the child runs the
@@ -54,7 +57,8 @@ def main() -> None:
     # Orphans of a candidate re-parent to us, so we can reap them after the run.
     libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
     control = socket.socket(fileno=int(sys.argv[1]))
-    source, job_dir, work_dirs = f"{sys.argv[2]}/prog.py", sys.argv[3], sys.argv[3:]
+    own_pid_namespace = sys.argv[2] == "pidns"
+    source, job_dir, work_dirs = f"{sys.argv[3]}/prog.py", sys.argv[4], sys.argv[4:]
     while True:
         try:
             message, fds, _, _ = socket.recv_fds(control, 4096, 3)
@@ -73,15 +77,20 @@ def main() -> None:
         for fd in fds:
             os.close(fd)
         _, status = os.waitpid(pid, 0)
-        _kill_leftovers()
+        _kill_leftovers(pid, own_pid_namespace)
         clean = _empty_work_dirs(work_dirs)
         control.send(json.dumps({"status": status, "clean": clean}).encode())
 
 
-def _kill_leftovers() -> None:
+def _kill_leftovers(child: int, own_pid_namespace: bool) -> None:
     # kill(-1) reaches every process of this pid namespace except us and its init.
+    # Without a namespace of our own it would hit every process of our uid on the
+    # host, other sandboxes included: then only the candidate's session is killed.
     with contextlib.suppress(ProcessLookupError):
-        os.kill(-1, signal.SIGKILL)
+        if own_pid_namespace:
+            os.kill(-1, signal.SIGKILL)
+        else:
+            os.killpg(child, signal.SIGKILL)
     while True:
         try:
             os.waitpid(-1, 0)

@@ -153,5 +153,6 @@ def test_warm_interpreters_outlive_the_batch_threads() -> None:
     jobs = [Job("python", "x = 1\n", "assert x == 1\n") for _ in range(4)]
     assert {r.verdict for r in run_batch(jobs, workers=2)} == {Verdict.OK}
     time.sleep(0.3)
-    slots = runner._POOL._all
-    assert slots and all(s.zygote is not None and s.zygote.poll() is None for s in slots)
+    # Slots whose zygote was stopped on purpose (after a timeout, say) hold None.
+    started = [slot.zygote for slot in runner._POOL._all if slot.zygote is not None]
+    assert len(started) >= 2 and all(zygote.poll() is None for zygote in started)
