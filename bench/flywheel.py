@@ -99,7 +99,7 @@ def run(problems: int, candidates: int, data_dir: Path) -> None:
     logs.mkdir()
     workers = [start_worker([q], log_path=logs / f"{q}.log") for q in QUEUES]
     try:
-        time.sleep(15)  # workers import torch; not part of the iteration
+        wait_ready(QUEUES)  # workers import torch at start: not part of the iteration
         with session_scope() as session:
             iteration = open_iteration(session, problem_ids, params)
             opened = time.perf_counter()
@@ -123,27 +123,34 @@ def run(problems: int, candidates: int, data_dir: Path) -> None:
                 .where(in_iteration)
             )
             opened_at = iteration.created_at
+        first_score = session.scalar(
+            select(func.min(Score.created_at))
+            .join(Candidate, Candidate.id == Score.candidate_id)
+            .where(in_iteration)
+        )
         collect_wall = (last_score - opened_at).total_seconds()
         overlap = first_execution < last_candidate
         noop_rate = noop_throughput(2000 if problems > 20 else 300)
     finally:
         for process in workers:
             stop_worker(process)
-    compute = stage_compute(problem_ids, params)
+    compute = stage_compute(problem_ids, params, seed=iteration.number)
     ratio = collect_wall / sum(compute.values())
     print(f"problems={len(problem_ids)} candidates={total} (asked {candidates} per problem)")
     print(f"collection wall (open -> last score): {collect_wall:.1f}s; whole iteration incl. "
           f"reward retraining and DVC: {done_wall:.1f}s")  # fmt: skip
     print("stage compute, standalone: " + ", ".join(f"{k}={v:.1f}s" for k, v in compute.items()))
     print(f"generation {first_candidate:%H:%M:%S}-{last_candidate:%H:%M:%S}, "
-          f"execution {first_execution:%H:%M:%S}-{last_execution:%H:%M:%S}")  # fmt: skip
+          f"execution {first_execution:%H:%M:%S}-{last_execution:%H:%M:%S}, "
+          f"labeling {first_score:%H:%M:%S}-{last_score:%H:%M:%S}")  # fmt: skip
     print(
         f"RESULT overhead_ratio={ratio:.2f} overlap={'yes' if overlap else 'no'} noop_tasks_per_s={noop_rate:.0f}"
     )
 
 
-def stage_compute(problem_ids: list[int], params) -> dict[str, float]:
-    """Each stage once over the same data, in this process: generation, sandbox, scoring."""
+def stage_compute(problem_ids: list[int], params, *, seed: int) -> dict[str, float]:
+    """Each stage once over the same programs (the mutation generator is seeded by
+    the iteration number), in this process: generation, sandbox, scoring."""
     from sqlalchemy import select
 
     from app.db import session_scope
@@ -156,21 +163,32 @@ def stage_compute(problem_ids: list[int], params) -> dict[str, float]:
         problems = session.scalars(select(Problem).where(Problem.id.in_(problem_ids))).all()
         session.expunge_all()
     started = time.perf_counter()
-    generator = make_generator(GenerationConfig(backend="mutation", seed=2))
+    generator = make_generator(GenerationConfig(backend="mutation", seed=seed))
     samples = generator.generate([PromptSpec.from_problem(p) for p in problems], params.candidates)
     generation = time.perf_counter() - started
+    run_batch([Job(language="python", code="pass", tests="")])  # starts the sandbox: not counted
     started = time.perf_counter()
-    for problem, group in zip(
-        problems, samples, strict=True
-    ):  # one sandbox batch per problem, as the tasks do
+    # One sandbox batch per problem, as the execution tasks do.
+    for problem, group in zip(problems, samples, strict=True):
         run_batch([Job(language="python", code=s.code, tests=problem.tests) for s in group])
     execution = time.perf_counter() - started
-    scorer = RewardScorer(TINY)  # loaded once per worker too: not counted
     started = time.perf_counter()
+    scorer = RewardScorer(TINY)  # a labeling worker loads it once per reward model too
     for problem, group in zip(problems, samples, strict=True):
         scorer.score([problem.prompt] * len(group), [s.code for s in group])
     labeling = time.perf_counter() - started
     return {"generation": generation, "execution": execution, "labeling": labeling}
+
+
+def wait_ready(queues) -> None:
+    """Until every queue's worker has consumed a no-op."""
+    from workers.celery_app import celery
+
+    client = redis.Redis.from_url(BROKER)
+    for queue in queues:
+        celery.signature("execution.noop").apply_async(queue=queue)
+    while any(client.llen(q) for q in queues) or client.hlen("unacked"):
+        time.sleep(0.2)
 
 
 def noop_throughput(count: int) -> float:

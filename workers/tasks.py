@@ -12,6 +12,13 @@ import traceback
 import kombu.exceptions
 import sqlalchemy.exc
 
+# The stages' heavy imports (torch, transformers, the sandbox) happen here, once,
+# in the worker's parent process before it forks its pool, instead of inside the
+# first task each pool process runs.
+import pipelines.generation  # noqa: F401
+import pipelines.mining  # noqa: F401
+import pipelines.reward_model  # noqa: F401
+import pipelines.sandbox  # noqa: F401
 from app import flywheel
 from app.db import session_scope
 from workers.after_commit import enqueue_after_commit
