@@ -62,7 +62,12 @@ def label_problem(iteration_id: int, problem_id: int) -> None:
         flywheel.advance_iteration(session, iteration_id)
 
 
-@celery.task(name="training.run", acks_late=False, time_limit=None, **RETRY)
+# A training may run for hours: the short-task limit (RR_TASK_TIME_LIMIT) does not
+# apply; the run row's heartbeat is what tells a live training from a lost one.
+TRAINING_TIME_LIMIT_S = 48 * 3600
+
+
+@celery.task(name="training.run", acks_late=False, time_limit=TRAINING_TIME_LIMIT_S, **RETRY)
 def run_training(run_id: int) -> None:
     """Claim, train, register. Acknowledged on receipt: the run row, not the message,
     carries a long training; a lost worker leaves a stale heartbeat for reconcile."""
