@@ -1,11 +1,13 @@
 """Stage C: one real PPO and GRPO step on a 2-layer Llama, and registration."""
 
+import json
 from pathlib import Path
 
 import pytest
 import torch
 from sqlalchemy import func, select
 
+from app.settings import BUNDLED_MODEL
 from models import ModelVersion
 from models.enums import ModelKind
 from pipelines.generation import PromptSpec
@@ -41,7 +43,7 @@ def tiny_reward_dir(tiny_model_dir: Path, tmp_path_factory) -> Path:
     return folder
 
 
-def changed_parameters(before: Path, after: Path) -> list[str]:
+def changed_parameters(before: Path | str, after: Path) -> list[str]:
     old = load_causal_lm(str(before)).state_dict()
     new = load_causal_lm(str(after)).state_dict()
     return [name for name, tensor in old.items() if not torch.equal(tensor, new[name])]
@@ -195,3 +197,22 @@ def test_a_failed_update_registers_nothing_and_leaves_no_folder(session, tiny_mo
     assert session.scalar(count) == generators_before
     folder = tmp_path / "models" / "generators"
     assert not folder.exists() or not any(folder.iterdir())
+
+
+@pytest.mark.slow
+def test_grpo_step_on_the_bundled_gguf_generator(tmp_path):
+    # The project's default generator is a GGUF: transformers loads it with its quantizer
+    # attached, which must be detached for the policy to train, and GRPO must build its
+    # reference copy without reading the GGUF itself. ~2 CPU-minutes on 2 cores.
+    output = tmp_path / "policy"
+    update_policy(
+        generator=BUNDLED_MODEL,
+        reward_model=BUNDLED_MODEL,  # a fresh head on the same GGUF backbone
+        prompts=PROMPTS,
+        config=PolicyConfig(algo="grpo", **{**TINY, "learning_rate": 1e-4}),
+        output_dir=output,
+    )
+
+    # A plain checkpoint, which loads and trains like any saved folder.
+    assert "quantization_config" not in json.loads((output / "config.json").read_text())
+    assert "model.layers.0.self_attn.q_proj.weight" in changed_parameters(BUNDLED_MODEL, output)
