@@ -66,8 +66,13 @@ def bare_generate(generator: TransformersGenerator, prompts: list[PromptSpec], n
     row order (so the same seed samples the same tokens); returns the generated
     tokens (up to each row's EOS)."""
     tokenizer, model, config = generator.tokenizer, generator.model, generator.config
-    texts = sorted((p.prompt for p in prompts for _ in range(n)), key=len)
-    encoded = tokenizer(texts, return_tensors="pt", padding=True).to(model.device)
+    texts = sorted((text for text in generator.model_inputs(prompts) for _ in range(n)), key=len)
+    encoded = tokenizer(
+        texts,
+        return_tensors="pt",
+        padding=True,
+        add_special_tokens=not tokenizer.chat_template,  # the backend's rule
+    ).to(model.device)
     torch.manual_seed(config.seed)
     with torch.inference_mode():
         output = model.generate(
@@ -92,8 +97,14 @@ def backend_generate(generator: TransformersGenerator, prompts: list[PromptSpec]
     return generator.tokens_generated - before
 
 
-def generation_throughput(generator: TransformersGenerator, prompts: list[PromptSpec], n: int):
+def generation_throughput(
+    generator: TransformersGenerator, prompts: list[PromptSpec], n: int, max_new_tokens: int
+):
     """tokens/s of backend vs bare (one batch of all rows), and batched vs per-problem."""
+    quality_tokens, generator.config.max_new_tokens = (
+        generator.config.max_new_tokens,
+        max_new_tokens,
+    )
     generator.config.batch_size = len(prompts) * n
     backend_generate(generator, prompts[:1], 1)  # warm-up: first call pays one-off costs
     # The faster of two runs each: the machine is shared, and noisy.
@@ -110,6 +121,7 @@ def generation_throughput(generator: TransformersGenerator, prompts: list[Prompt
         "backend_tok_s": backend_tokens / backend_s,
         "per_problem_tok_s": loop_tokens / loop_s,
     }
+    generator.config.max_new_tokens = quality_tokens
     rates["gen_ratio"] = rates["backend_tok_s"] / rates["bare_tok_s"]
     rates["batch_speedup"] = rates["backend_tok_s"] / rates["per_problem_tok_s"]
     return rates
@@ -176,6 +188,7 @@ def quality(generator: TransformersGenerator, args) -> dict:
     ]
     verdicts = iter(r.verdict == "OK" for r in run_batch(jobs))
     passed = [[next(verdicts) for _ in group] for group in samples]
+    print(f"passing samples per problem: {[sum(group) for group in passed]}", flush=True)
     train = [k for k in range(len(problems)) if k % 2 == 0]
     held_out = [k for k in range(len(problems)) if k % 2 == 1]
 
@@ -192,6 +205,7 @@ def quality(generator: TransformersGenerator, args) -> dict:
     )
     folder = Path(tempfile.mkdtemp(prefix="rr-bench-reward-"))
     train_s, metrics = timed(lambda: train_reward_model(pairs, config, folder))
+    print(f"reward model: {len(pairs)} pairs in {train_s:.0f} s", flush=True)
     scorer = RewardScorer(folder, batch_size=args.reward_batch_size)
     prompts = [problems[k]["spec"].prompt for k in held_out for _ in samples[k]]
     codes = [s.code for k in held_out for s in samples[k]]
@@ -219,13 +233,12 @@ def main() -> None:
     parser.add_argument("--model", default=BUNDLED_MODEL, help="generator and reward backbone")
     parser.add_argument("--problems", type=int, default=16, help="HumanEval problems (quality)")
     parser.add_argument("--n", type=int, default=8, help="samples per problem")
-    parser.add_argument("--throughput-problems", type=int, default=4)
-    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--throughput-problems", type=int, default=2)
+    parser.add_argument("--throughput-tokens", type=int, default=32, help="max new tokens")
+    parser.add_argument("--max-new-tokens", type=int, default=128, help="quality samples")
     parser.add_argument("--batch-size", type=int, default=32, help="sequences per generate call")
     parser.add_argument("--temperature", type=float, default=0.8)
-    parser.add_argument(
-        "--prompt-style", default="completion", choices=["auto", "chat", "completion"]
-    )
+    parser.add_argument("--prompt-style", default="auto", choices=["auto", "chat", "completion"])
     parser.add_argument("--reward-epochs", type=float, default=1.0)
     parser.add_argument("--reward-lr", type=float, default=5e-5)
     parser.add_argument("--reward-batch-size", type=int, default=8)
@@ -237,7 +250,7 @@ def main() -> None:
     if args.quick:
         if not (TINY_DIR / "model.safetensors").is_file():
             save_tiny_llama(TINY_DIR)
-        args.model, args.max_new_tokens, args.n = str(TINY_DIR), 32, 4
+        args.model, args.n, args.throughput_problems = str(TINY_DIR), 4, 4
     print(f"model={args.model} threads={torch.get_num_threads()}", flush=True)
 
     config = GenerationConfig(
@@ -253,7 +266,7 @@ def main() -> None:
     )
     print(f"loaded in {load_s:.1f} s", flush=True)
     prompts = [p["spec"] for p in humaneval(args.throughput_problems)]
-    rates = generation_throughput(generator, prompts, args.n)
+    rates = generation_throughput(generator, prompts, args.n, args.throughput_tokens)
     print(" ".join(f"{key}={value:.2f}" for key, value in rates.items()), flush=True)
 
     nan = math.nan

@@ -266,6 +266,10 @@ class TransformersGenerator:
             model = load_causal_lm(config.model, dtype=dtype).to(device)
         self.model = model.eval()
         self.chat = _uses_chat(config.prompt_style, self.tokenizer)
+        # A chat template writes its own special tokens; and a chat model's BOS is
+        # often its turn marker (SmolLM2: <|im_start|>), which would make a
+        # plain-code prompt read as a speaker's name. Only base models get BOS.
+        self._add_special_tokens = not self.tokenizer.chat_template
         self.tokens_generated = 0  # running total, read by the benchmark
         # Building a StopStringCriteria scans the whole vocabulary (~1 s); do it
         # once per language rather than once per generate call.
@@ -275,7 +279,7 @@ class TransformersGenerator:
         import torch
 
         _check_n(n)
-        texts = [_model_input(prompt, self.chat, self.tokenizer) for prompt in prompts]
+        texts = self.model_inputs(prompts)
         order = sorted(
             (i for i in range(len(prompts)) for _ in range(n)),
             key=lambda i: (prompts[i].language, len(texts[i])),
@@ -294,6 +298,10 @@ class TransformersGenerator:
                     results[i].append(self._to_sample(prompts[i], reply, count))
         return results
 
+    def model_inputs(self, prompts: Sequence[PromptSpec]) -> list[str]:
+        """The text the model continues for each prompt (chat-wrapped or as is)."""
+        return [_model_input(prompt, self.chat, self.tokenizer) for prompt in prompts]
+
     def _to_sample(self, prompt: PromptSpec, reply: str, num_tokens: int) -> Sample:
         if self.chat:
             reply = completion_from_reply(reply, prompt.prompt, Language(prompt.language))
@@ -308,8 +316,7 @@ class TransformersGenerator:
             [texts[i] for i in rows],
             return_tensors="pt",
             padding=True,
-            # The chat template already wrote the special tokens it wants.
-            add_special_tokens=not self.chat,
+            add_special_tokens=self._add_special_tokens,
         ).to(self.model.device)
         sampling = self.config.temperature > 0
         with torch.inference_mode():
