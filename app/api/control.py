@@ -68,12 +68,21 @@ def get_training_run(session: DbSession, run_id: Annotated[int, Path(ge=1, le=2*
     return queries.training_run_dict(run)
 
 
-@router.post("/solve", response_model=SolveOut, tags=["inference"])
+@router.post(
+    "/solve",
+    response_model=SolveOut,
+    tags=["inference"],
+    responses={
+        409: {"description": "No reward model is registered yet."},
+        503: {"description": "The current models cannot be loaded on this machine."},
+    },
+)
 def post_solve(session: DbSession, body: SolveIn, request: Request) -> dict[str, Any]:
     """Best-of-N: sample `n` programs with the current generator, return the one the
     current reward model ranks first. Every sample is stored with origin `request`."""
     from pipelines.evaluation import solve
     from pipelines.generation import PromptSpec
+    from pipelines.loading import ModelNotFoundError
 
     reward_version = queries.current_model_version(session, ModelKind.REWARD)
     if reward_version is None:
@@ -83,7 +92,12 @@ def post_solve(session: DbSession, body: SolveIn, request: Request) -> dict[str,
             'train one with POST /training-runs {"kind": "reward"}',
         )
     generator_version = queries.current_model_version(session, ModelKind.GENERATOR)
-    generator, scorer = _models_for(request, generator_version, reward_version)
+    try:
+        generator, scorer = _models_for(request, generator_version, reward_version)
+    except ModelNotFoundError as error:
+        # The registry points at weights this machine cannot load: not the
+        # caller's fault, and not a crash either.
+        raise HTTPException(503, f"the current models cannot be loaded: {error}") from None
 
     problem_id = _request_problem(session, body)
     prompt = PromptSpec(problem_id=problem_id, language=str(body.language), prompt=body.prompt)

@@ -10,13 +10,13 @@ from app import queries
 from app.api.deps import DbSession, StreamSession
 from app.api.export import csv_stream, parquet_stream
 from app.api.schemas import (
-    NO_NUL,
     CandidatePageOut,
     IterationOut,
     ModelOut,
     ProblemDetail,
     ProblemImportOut,
     ProblemOut,
+    Text,
 )
 from app.problem_import import ProblemFormatError, parse_problem_line, upsert_problems
 from models import Problem
@@ -39,7 +39,7 @@ class CandidateFormat(StrEnum):
 def get_problems(
     session: DbSession,
     language: Language | None = None,
-    source: Annotated[str | None, Query(max_length=64, pattern=NO_NUL)] = None,
+    source: Annotated[Text | None, Query(max_length=64)] = None,
     after_id: Annotated[
         int | None, Query(ge=0, le=INT32, description="Last id of the previous page.")
     ] = None,
@@ -94,7 +94,7 @@ def post_problems(
             "one object per problem. All are checked before any is stored.",
         ),
     ],
-    source: Annotated[str, Query(min_length=1, max_length=64, pattern=NO_NUL)] = "api",
+    source: Annotated[Text, Query(min_length=1, max_length=64)] = "api",
 ) -> dict[str, int]:
     """Add problems; continuous mode picks them up. Re-posting one is harmless."""
     rows, errors = [], []

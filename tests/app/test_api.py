@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import pyarrow.parquet as pq
 import pytest
 from fastapi.testclient import TestClient
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from app.api import create_app
@@ -151,7 +152,13 @@ def serve_session(app, session: Session) -> None:
 
     def override() -> Iterator[Session]:
         with lock:
-            yield session
+            try:
+                yield session
+            except SQLAlchemyError:
+                # Like the real dependency, leave no failed transaction behind; only
+                # on database errors, so a 404 keeps the test's seeded rows.
+                session.rollback()
+                raise
 
     app.dependency_overrides[write_session] = override
     app.dependency_overrides[stream_session] = override
