@@ -136,6 +136,24 @@ def test_bad_input_is_named(tiny_model_dir, tiny_reward_dir, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_ppo_refuses_a_reward_model_with_another_tokenizer(tiny_model_dir, tmp_path):
+    # PPO hands the policy's token ids to the reward model, so the vocabularies must match.
+    reward_dir = tmp_path / "reward"
+    load_sequence_classifier(str(tiny_model_dir)).save_pretrained(reward_dir)
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    tokenizer.add_tokens(["<only-in-the-reward-vocab>"])
+    tokenizer.save_pretrained(reward_dir)
+
+    with pytest.raises(ValueError, match=r"different tokenizer .* \(use algo 'grpo'"):
+        update_policy(
+            generator=str(tiny_model_dir),
+            reward_model=str(reward_dir),
+            prompts=PROMPTS,
+            config=PolicyConfig(**TINY),
+            output_dir=tmp_path / "out",
+        )
+
+
 def _versions(session, tiny_model_dir: Path, reward_path: str) -> tuple[ModelVersion, ModelVersion]:
     generator = make_model_version(session, kind=ModelKind.GENERATOR, name="gen-0")
     generator.path = str(tiny_model_dir)
