@@ -435,7 +435,7 @@ def problem_progress(session: Session, iteration: Iteration) -> dict[str, int]:
     }
 
 
-def _collected(progress: dict[str, int]) -> bool:
+def is_collected(progress: dict[str, int]) -> bool:
     return (
         progress["generated"] == progress["problems"]
         and progress["executed"] == progress["candidates"]
@@ -462,7 +462,7 @@ def advance_iteration(session: Session, iteration_id: int) -> IterationStatus:
             )
         return iteration.status
     if iteration.status == IterationStatus.GENERATING:
-        if not _collected(problem_progress(session, iteration)):
+        if not is_collected(problem_progress(session, iteration)):
             return iteration.status
         runs = [
             r

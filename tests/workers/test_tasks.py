@@ -243,7 +243,7 @@ def test_sandbox_errors_are_never_labelled(store, tiny_model_dir):
     assert count(store, HardNegativeLabel, HardNegativeLabel.candidate_id == lost.id) == 0
     assert count(store, Score) == 4
     # Collection is complete without a score for the SANDBOX_ERROR candidate.
-    assert flywheel._collected(flywheel.problem_progress(store, iteration))
+    assert flywheel.is_collected(flywheel.problem_progress(store, iteration))
 
 
 def test_train_command_enqueues_onto_the_training_queue_and_never_runs_inline(
