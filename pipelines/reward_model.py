@@ -11,14 +11,12 @@ scoring share one encoding (`_encode`), so a score means the same in both.
 import json
 import random
 import shutil
-import struct
 import time
 import uuid
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +29,7 @@ from app.settings import BUNDLED_MODEL
 from models import Candidate, Execution, HardNegativeLabel, ModelVersion, Problem
 from models.enums import ModelKind, Verdict
 from models.repository import content_hash
-from pipelines.loading import ModelNotFoundError, load_sequence_classifier, load_tokenizer
+from pipelines.loading import load_sequence_classifier, load_tokenizer
 
 Progress = Callable[[float], None]  # called with the fraction of training done, 0..1
 CONFIG_FILE = "reward_config.json"  # written beside the weights: config and metrics
@@ -166,20 +164,8 @@ def _round_robin(winners: list[str], losers: list[str], limit: int) -> list[tupl
 
 def _load(spec: str) -> tuple[Any, Any]:
     """Tokenizer and one-output classifier for `spec`, with the pad token set on both."""
-    try:
-        tokenizer = load_tokenizer(spec)
-        model = load_sequence_classifier(spec)
-    except struct.error as error:  # a truncated GGUF fails inside the gguf reader
-        raise ModelNotFoundError(
-            f"{spec}: the installed gguf {metadata.version('gguf')} cannot read this file: {error}"
-        ) from error
-    # A GGUF loads as float weights but keeps its quantizer attached, and the
-    # trainer refuses to fine-tune (and save) any model with one.
-    quantizer = getattr(model, "hf_quantizer", None)  # set only by quantized loads
-    if quantizer is not None:
-        if not all(parameter.dtype.is_floating_point for parameter in model.parameters()):
-            raise ValueError(f"{spec}: its quantized weights stayed packed and cannot train")
-        quantizer.remove_quantization_config(model)
+    tokenizer = load_tokenizer(spec)
+    model = load_sequence_classifier(spec)
     # The head reads the last non-pad token, so the model must know which id pads.
     model.config.pad_token_id = tokenizer.pad_token_id
     return tokenizer, model
