@@ -192,7 +192,6 @@ def candidate_select(
         Execution.total.label("tests_total"),
         Score.reward_model_version_id,
         Score.score,
-        _is_hard_negative().label("hard_negative"),
         Candidate.created_at,
     ]
     if with_code:
@@ -252,6 +251,27 @@ def _after_cursor(query: Select, sort: str, cursor: str) -> Select:
     return query.where(tuple_(Score.score, Candidate.id) < tuple_(key, last_id))
 
 
+def _with_labels(session: Session, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Set `hard_negative` on a page or chunk of rows with one indexed lookup.
+    As a correlated EXISTS in the listing, PostgreSQL hashes the whole label
+    table for every page instead."""
+    ids = [row["id"] for row in rows]
+    labelled = (
+        set(
+            session.scalars(
+                select(HardNegativeLabel.candidate_id).where(
+                    HardNegativeLabel.candidate_id.in_(ids)
+                )
+            )
+        )
+        if ids
+        else set()
+    )
+    for row in rows:
+        row["hard_negative"] = row["id"] in labelled
+    return rows
+
+
 def _row_dict(row: Any) -> dict[str, Any]:
     data = dict(row._mapping)
     for name in ("language", "origin", "verdict"):
@@ -274,7 +294,9 @@ def list_candidates(
     query, rm_version = candidate_select(session, flt)
     if cursor:
         query = _after_cursor(query, flt.sort, cursor)
-    rows = [_row_dict(row) for row in session.execute(query.limit(limit + 1))]
+    rows = _with_labels(
+        session, [_row_dict(row) for row in session.execute(query.limit(limit + 1))]
+    )
     next_cursor = None
     if len(rows) > limit:
         rows = rows[:limit]
@@ -300,7 +322,7 @@ def iter_candidates(
         query = _after_cursor(query, flt.sort, cursor)
     result = session.execute(query.execution_options(stream_results=True, yield_per=chunk_size))
     for partition in result.partitions():
-        yield [_row_dict(row) for row in partition]
+        yield _with_labels(session, [_row_dict(row) for row in partition])
 
 
 def candidate_detail(session: Session, candidate_id: int) -> dict[str, Any] | None:
