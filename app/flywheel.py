@@ -58,7 +58,7 @@ log = logging.getLogger(__name__)
 
 SANDBOX_ATTEMPTS = 3
 """Runs of a candidate that keeps ending in SANDBOX_ERROR before it is recorded as such."""
-MAX_RUN_FAILURES = 2
+MAX_RUN_FAILURES = 3
 """Failed trainings of one kind per iteration before the flywheel stops retrying it."""
 
 

@@ -2,7 +2,7 @@
 
 import json
 import time
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Annotated, Any
 
 import sqlalchemy.exc
@@ -31,6 +31,7 @@ from app.flywheel import (
 )
 from app.settings import get_settings
 from models import Iteration, ModelVersion, Problem, TrainingRun
+from models.base import utcnow
 from models.enums import IterationStatus, ModelKind, RunKind, RunStatus
 
 flywheel_app = typer.Typer(help="The flywheel's main job.", no_args_is_help=True)
@@ -245,11 +246,15 @@ def flywheel_run(
     params = FlywheelParams(backend=backend, candidates=candidates, policy_steps=policy_steps)
     log_dir = get_settings().data_dir.resolve() / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
+    # With the embedded broker only the workers started here consume it: a run
+    # marked running before they started lost its worker with an earlier run.
+    embedded = get_settings().celery_broker_url.startswith("filesystem")
+    own_since = utcnow() if start_workers and embedded else None
     groups = QUEUE_GROUPS if start_workers else ()
     workers = [start_worker(q, log_path=log_dir / f"worker-{q[0]}.log") for q in groups]
     started = time.monotonic()
     try:
-        _drive(params, problems, iterations, continuous)
+        _drive(params, problems, iterations, continuous, own_since)
     except IterationBlocked as error:
         err_console.print(f"error: {error}")
         raise typer.Exit(1) from error
@@ -272,7 +277,13 @@ def _import_humaneval_if_empty() -> None:
     console.print(f"imported {report.imported} HumanEval problems")
 
 
-def _drive(params: FlywheelParams, size: int, iterations: int, continuous: bool) -> None:
+def _drive(
+    params: FlywheelParams,
+    size: int,
+    iterations: int,
+    continuous: bool,
+    own_since: datetime | None,
+) -> None:
     """Finish any unfinished iteration, then open new ones until done."""
     while True:
         with session_scope() as session:
@@ -294,7 +305,7 @@ def _drive(params: FlywheelParams, size: int, iterations: int, continuous: bool)
                 if problem_ids:
                     unfinished = open_iteration(session, problem_ids, params).id
         if unfinished is not None:
-            wait_for_iteration(unfinished, reconcile_first=resumed)
+            wait_for_iteration(unfinished, reconcile_first=resumed, own_since=own_since)
         elif continuous:
             time.sleep(10)  # waiting for new problems
         else:
@@ -325,14 +336,18 @@ def wait_for_iteration(
     show: bool = True,
     stall_s: float = STALL_S,
     reconcile_first: bool = False,
+    own_since: datetime | None = None,
     timeout_s: float | None = None,
 ) -> None:
     """Follow the iteration with one progress bar per stage until it is done,
     reconciling whenever nothing moved for `stall_s`. A database that is briefly
     unreachable (a restart) is waited out, not fatal."""
     if reconcile_first:
+        # When only workers started at `own_since` exist, a training with no
+        # heartbeat since then lost its worker: no need to wait out STALE_RUN.
+        stale = utcnow() - own_since if own_since else STALE_RUN
         with session_scope() as session:
-            reconcile(session, stale_after=STALE_RUN)
+            reconcile(session, stale_after=stale)
     started = last_change = time.monotonic()
     last_state = None
     with Progress(
