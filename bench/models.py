@@ -98,29 +98,33 @@ def backend_generate(generator: TransformersGenerator, prompts: list[PromptSpec]
 
 
 def generation_throughput(
-    generator: TransformersGenerator, prompts: list[PromptSpec], n: int, max_new_tokens: int
+    generator: TransformersGenerator,
+    prompts: list[PromptSpec],
+    n: int,
+    max_new_tokens: int,
+    repeats: int,
 ):
     """tokens/s of backend vs bare (one batch of all rows), and batched vs per-problem."""
     quality_tokens, generator.config.max_new_tokens = (
         generator.config.max_new_tokens,
         max_new_tokens,
     )
-    generator.config.batch_size = len(prompts) * n
     backend_generate(generator, prompts[:1], 1)  # warm-up: first call pays one-off costs
-    # The faster of two runs each: the machine is shared, and noisy.
-    bare_s, bare_tokens = min(timed(lambda: bare_generate(generator, prompts, n)) for _ in "ab")
-    backend_s, backend_tokens = min(
-        timed(lambda: backend_generate(generator, prompts, n)) for _ in "ab"
-    )
-    generator.config.batch_size = n
-    loop_s, loop_tokens = min(
-        timed(lambda: sum(backend_generate(generator, [p], n) for p in prompts)) for _ in "ab"
-    )
-    rates = {
-        "bare_tok_s": bare_tokens / bare_s,
-        "backend_tok_s": backend_tokens / backend_s,
-        "per_problem_tok_s": loop_tokens / loop_s,
+    runs = {
+        "bare": lambda: bare_generate(generator, prompts, n),
+        "backend": lambda: backend_generate(generator, prompts, n),
+        "per_problem": lambda: sum(backend_generate(generator, [p], n) for p in prompts),
     }
+    # The machine is shared and its load drifts: interleave the three kinds and
+    # compare total tokens over total time, so each sees the same load on average.
+    seconds, tokens = dict.fromkeys(runs, 0.0), dict.fromkeys(runs, 0)
+    for _ in range(repeats):
+        for kind, run in runs.items():
+            generator.config.batch_size = n if kind == "per_problem" else len(prompts) * n
+            elapsed, count = timed(run)
+            seconds[kind] += elapsed
+            tokens[kind] += count
+    rates = {f"{kind}_tok_s": tokens[kind] / seconds[kind] for kind in runs}
     generator.config.max_new_tokens = quality_tokens
     rates["gen_ratio"] = rates["backend_tok_s"] / rates["bare_tok_s"]
     rates["batch_speedup"] = rates["backend_tok_s"] / rates["per_problem_tok_s"]
@@ -234,6 +238,7 @@ def main() -> None:
     parser.add_argument("--problems", type=int, default=16, help="HumanEval problems (quality)")
     parser.add_argument("--n", type=int, default=8, help="samples per problem")
     parser.add_argument("--throughput-problems", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=2, help="interleaved throughput runs")
     parser.add_argument("--throughput-tokens", type=int, default=32, help="max new tokens")
     parser.add_argument("--max-new-tokens", type=int, default=128, help="quality samples")
     parser.add_argument("--batch-size", type=int, default=32, help="sequences per generate call")
@@ -250,7 +255,7 @@ def main() -> None:
     if args.quick:
         if not (TINY_DIR / "model.safetensors").is_file():
             save_tiny_llama(TINY_DIR)
-        args.model, args.n, args.throughput_problems = str(TINY_DIR), 4, 4
+        args.model, args.n, args.throughput_problems, args.repeats = str(TINY_DIR), 4, 4, 3
     print(f"model={args.model} threads={torch.get_num_threads()}", flush=True)
 
     config = GenerationConfig(
@@ -266,7 +271,7 @@ def main() -> None:
     )
     print(f"loaded in {load_s:.1f} s", flush=True)
     prompts = [p["spec"] for p in humaneval(args.throughput_problems)]
-    rates = generation_throughput(generator, prompts, args.n, args.throughput_tokens)
+    rates = generation_throughput(generator, prompts, args.n, args.throughput_tokens, args.repeats)
     print(" ".join(f"{key}={value:.2f}" for key, value in rates.items()), flush=True)
 
     nan = math.nan
