@@ -16,10 +16,12 @@ reranked_pass1=X oracle_pass1=X`; quality keys are `nan` with --quick.
 """
 
 import argparse
+import json
 import math
 import sys
 import tempfile
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -182,8 +184,16 @@ def quality(generator: TransformersGenerator, args) -> dict:
     from pipelines.sandbox import Job, run_batch
 
     problems = humaneval(args.problems)
-    generator.config.batch_size = args.batch_size
-    gen_s, samples = timed(lambda: generator.generate([p["spec"] for p in problems], args.n))
+    cache = Path(args.samples_cache) if args.samples_cache else None
+    if cache and cache.is_file():  # a rerun (e.g. of the reward part) reuses the samples
+        saved = json.loads(cache.read_text())
+        gen_s, samples = saved["gen_s"], [[Sample(**s) for s in g] for g in saved["samples"]]
+    else:
+        generator.config.batch_size = args.batch_size
+        gen_s, samples = timed(lambda: generator.generate([p["spec"] for p in problems], args.n))
+    if cache:
+        dumped = [[asdict(s) for s in group] for group in samples]
+        cache.write_text(json.dumps({"gen_s": gen_s, "samples": dumped}))
     print(f"generated {args.problems}x{args.n} samples in {gen_s:.0f} s", flush=True)
     jobs = [
         Job("python", s.code, p["tests"])
@@ -206,6 +216,7 @@ def quality(generator: TransformersGenerator, args) -> dict:
         max_length=args.reward_max_length,
         eval_fraction=0.0,
         learning_rate=args.reward_lr,
+        lora=args.reward_lora,
     )
     folder = Path(tempfile.mkdtemp(prefix="rr-bench-reward-"))
     train_s, metrics = timed(lambda: train_reward_model(pairs, config, folder))
@@ -244,6 +255,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32, help="sequences per generate call")
     parser.add_argument("--temperature", type=float, default=0.8)
     parser.add_argument("--prompt-style", default="auto", choices=["auto", "chat", "completion"])
+    parser.add_argument("--reward-lora", action="store_true", help="LoRA reward model")
+    parser.add_argument("--samples-cache", help="JSON file: reuse quality samples if present")
     parser.add_argument("--reward-epochs", type=float, default=1.0)
     parser.add_argument("--reward-lr", type=float, default=5e-5)
     parser.add_argument("--reward-batch-size", type=int, default=8)
