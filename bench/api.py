@@ -2,7 +2,7 @@
 export throughput and server memory, at 1M candidates in PostgreSQL.
 
     .venv/bin/python bench/api.py            # 1M candidates
-    .venv/bin/python bench/api.py --quick    # 100k candidates, fewer requests
+    .venv/bin/python bench/api.py --quick    # 50k candidates, fewer requests
 
 The store is a private database, filled by PostgreSQL itself (INSERT ...
 SELECT generate_series: the same rows insert_candidates would write, in
@@ -181,13 +181,13 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
-        "--quick", action="store_true", help="100k candidates, 5 rounds (under a minute)"
+        "--quick", action="store_true", help="50k candidates, 3 rounds (under a minute)"
     )
     parser.add_argument("--candidates", type=int, default=None)
     parser.add_argument("--rounds", type=int, default=None, help="requests per filter")
     args = parser.parse_args()
-    candidates = args.candidates or (100_000 if args.quick else 1_000_000)
-    rounds = args.rounds or (5 if args.quick else 20)
+    candidates = args.candidates or (50_000 if args.quick else 1_000_000)
+    rounds = args.rounds or (3 if args.quick else 20)
 
     name = f"rr_bench_api_{uuid.uuid4().hex[:8]}"
     params = dict(part.split("=", 1) for part in ADMIN_DSN.split())

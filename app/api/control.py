@@ -93,7 +93,9 @@ def post_solve(session: DbSession, body: SolveIn, request: Request) -> dict[str,
         )
     generator_version = queries.current_model_version(session, ModelKind.GENERATOR)
     try:
-        generator, scorer = _models_for(request, generator_version, reward_version)
+        generator, scorer = _models_for(
+            request, generator_version, reward_version, body.max_new_tokens
+        )
     except ModelNotFoundError as error:
         # The registry points at weights this machine cannot load: not the
         # caller's fault, and not a crash either.
@@ -132,14 +134,18 @@ def post_solve(session: DbSession, body: SolveIn, request: Request) -> dict[str,
 
 
 def _models_for(
-    request: Request, generator_version: ModelVersion | None, reward_version: ModelVersion
+    request: Request,
+    generator_version: ModelVersion | None,
+    reward_version: ModelVersion,
+    max_new_tokens: int,
 ) -> tuple[Any, Any]:
     """The generator and scorer of the current versions, loaded once and kept on the
     app until a newer version is registered (loading takes seconds)."""
     from pipelines.generation import GenerationConfig, make_generator
     from pipelines.reward_model import RewardScorer
 
-    key = (None if generator_version is None else generator_version.id, reward_version.id)
+    generator_id = None if generator_version is None else generator_version.id
+    key = (generator_id, reward_version.id, max_new_tokens)
     cached = request.app.state.solver_models
     if cached.get("key") != key:
         spec = (
@@ -150,7 +156,7 @@ def _models_for(
         cached.clear()
         cached.update(
             key=key,
-            generator=make_generator(GenerationConfig(model=spec)),
+            generator=make_generator(GenerationConfig(model=spec, max_new_tokens=max_new_tokens)),
             scorer=RewardScorer(reward_version.path or reward_version.base_model),
         )
     return cached["generator"], cached["scorer"]

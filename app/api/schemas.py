@@ -131,6 +131,7 @@ class SolveIn(BaseModel):
     n: int = Field(
         8, ge=1, le=64, description="Programs to sample; the best-scored one is returned."
     )
+    max_new_tokens: int = Field(256, ge=1, le=2048, description="Most tokens generated per sample.")
 
 
 class SolveSample(BaseModel):
