@@ -237,7 +237,7 @@ def flywheel_run(
     ] = True,
 ) -> None:
     """Run the flywheel; re-running resumes an interrupted run (nothing lost or done twice)."""
-    from workers.processes import start_worker, stop_worker
+    from workers.processes import start_worker, stop_workers
 
     if backend not in ("transformers", "mutation"):
         raise typer.BadParameter("--backend must be transformers or mutation")
@@ -259,8 +259,7 @@ def flywheel_run(
         err_console.print(f"error: {error}")
         raise typer.Exit(1) from error
     finally:
-        for process in workers:
-            stop_worker(process)
+        stop_workers(workers)
     with session_scope() as session:
         rows = iteration_rows(session)
     print_report(rows)

@@ -82,7 +82,7 @@ def run(problems: int, candidates: int, data_dir: Path) -> None:
     from models import Candidate, Execution, ModelVersion, Problem, Score
     from models.enums import ModelKind
     from workers.celery_app import QUEUES
-    from workers.processes import kill_worker, start_worker, stop_worker
+    from workers.processes import kill_worker, start_worker, stop_workers
 
     migrate.upgrade()
     with session_scope() as session:
@@ -131,8 +131,7 @@ def run(problems: int, candidates: int, data_dir: Path) -> None:
         overlap = first_execution < last_candidate
         noop_rate = noop_throughput(2000 if problems > 20 else 300)
     finally:
-        for process in workers:
-            stop_worker(process)
+        stop_workers(workers)
     compute = stage_compute(problem_ids, params, seed=iteration.number)
     ratio = collect_wall / sum(compute.values())
     print(f"problems={len(problem_ids)} candidates={total} (asked {candidates} per problem)")

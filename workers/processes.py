@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -36,17 +37,22 @@ def start_worker(
             log.close()
 
 
-def stop_worker(process: subprocess.Popen, *, timeout_s: float = 20.0) -> None:
-    """Warm shutdown (SIGTERM: finish the current task), then SIGKILL the group."""
-    if process.poll() is not None:
-        return
-    # To the main process only: it stops taking tasks and waits for its pool to
-    # finish the current ones; signalling the group would kill those mid-task.
-    process.send_signal(signal.SIGTERM)
-    try:
-        process.wait(timeout_s)
-    except subprocess.TimeoutExpired:
-        kill_worker(process)
+def stop_workers(processes: Sequence[subprocess.Popen], *, timeout_s: float = 20.0) -> None:
+    """Warm shutdown of all at once (SIGTERM: each finishes its current task and
+    takes no new one), then SIGKILL whatever is still running after `timeout_s`.
+    All at once, so that the chain stops everywhere instead of draining into the
+    workers stopped last."""
+    running = [p for p in processes if p.poll() is None]
+    for process in running:
+        # To the main process only: it waits for its pool to finish the current
+        # task; signalling the group would kill that task midway.
+        process.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + timeout_s
+    for process in running:
+        try:
+            process.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            kill_worker(process)
 
 
 def kill_worker(process: subprocess.Popen) -> None:

@@ -31,7 +31,7 @@ from models.enums import IterationStatus, ModelKind, RunKind, RunStatus, Verdict
 from models.repository import content_hash
 from tests.workers.conftest import add_problems, register_reward_model
 from workers.celery_app import QUEUES
-from workers.processes import CLI, kill_worker, start_worker, stop_worker
+from workers.processes import CLI, kill_worker, start_worker, stop_workers
 
 REDIS_RESTART = [
     "redis-server", "--daemonize", "yes", "--bind", "127.0.0.1", "-::1", "--port", "6379",
@@ -47,8 +47,7 @@ def workers(env: dict[str, str], log_dir: Path) -> Iterator[dict[str, subprocess
     try:
         yield started
     finally:
-        for process in started.values():
-            stop_worker(process, timeout_s=10)
+        stop_workers(list(started.values()), timeout_s=10)
 
 
 def wait_until(condition: Callable[[], bool], timeout_s: float, what: str) -> None:

