@@ -77,7 +77,7 @@ class FlywheelParams:
     )
     candidates: int = field(default=8, metadata={"help": "Candidates sampled per problem."})
     batch_size: int = field(default=2, metadata={"help": "Problems per generation task."})
-    max_new_tokens: int = field(default=160, metadata={"help": "Token cap per sample."})
+    max_new_tokens: int = field(default=128, metadata={"help": "Token cap per sample."})
     reward_epochs: int = field(default=1, metadata={"help": "Epochs of each reward training."})
     policy_steps: int = field(
         default=2, metadata={"help": "PPO steps of the policy update; 0 skips the update."}
@@ -655,7 +655,7 @@ def _train_policy(
         reward_version=current_model(session, ModelKind.REWARD),
         prompts=[PromptSpec.from_problem(p) for p in problems],
         config=PolicyConfig(
-            steps=run.params.get("steps", 2), max_new_tokens=run.params.get("max_new_tokens", 160)
+            steps=run.params.get("steps", 2), max_new_tokens=run.params.get("max_new_tokens", 128)
         ),
         data_dir=get_settings().data_dir,
         iteration_id=run.iteration_id,

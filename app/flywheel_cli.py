@@ -223,8 +223,10 @@ def flywheel_run(
     backend: Annotated[
         str, typer.Option(help="transformers (the bundled model) or mutation.")
     ] = "transformers",
-    problems: Annotated[int, typer.Option(min=1, help="Problems per iteration.")] = 10,
-    candidates: Annotated[int, typer.Option(min=1, help="Candidates per problem.")] = 8,
+    # The default fits this project's 2-core CPU machines (the bundled model samples
+    # slowly there); raise the sizes for bigger runs.
+    problems: Annotated[int, typer.Option(min=1, help="Problems per iteration.")] = 4,
+    candidates: Annotated[int, typer.Option(min=1, help="Candidates per problem.")] = 4,
     iterations: Annotated[
         int, typer.Option(min=1, help="Stop once this many iterations are done.")
     ] = 2,
@@ -232,6 +234,7 @@ def flywheel_run(
     policy_steps: Annotated[
         int, typer.Option(min=0, help="PPO steps per policy update; 0 skips it.")
     ] = 2,
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="Token cap per sample.")] = 128,
     start_workers: Annotated[
         bool, typer.Option(help="Start and stop worker processes here.")
     ] = True,
@@ -243,7 +246,12 @@ def flywheel_run(
         raise typer.BadParameter("--backend must be transformers or mutation")
     migrate.upgrade()
     _import_humaneval_if_empty()
-    params = FlywheelParams(backend=backend, candidates=candidates, policy_steps=policy_steps)
+    params = FlywheelParams(
+        backend=backend,
+        candidates=candidates,
+        policy_steps=policy_steps,
+        max_new_tokens=max_new_tokens,
+    )
     log_dir = get_settings().data_dir.resolve() / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
     # With the embedded broker only the workers started here consume it: a run
