@@ -9,20 +9,25 @@ Both databases are private and dropped at the end. The last line is
 
 import argparse
 import statistics
+import sys
 import tempfile
 import time
 import uuid
 from pathlib import Path
 
-import psycopg
-from sqlalchemy import Engine, text
-from sqlalchemy.orm import Session
+# Run as a script, bench/ comes first on sys.path and bench/models.py would
+# shadow the `models` package: put the repo root first.
+sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
-from app import migrate
-from app.db import make_engine
-from models import Problem
-from models.enums import Language, Origin, Verdict
-from models.repository import insert_candidates, insert_executions
+import psycopg  # noqa: E402
+from sqlalchemy import Engine, text  # noqa: E402
+from sqlalchemy.orm import Session  # noqa: E402
+
+from app import migrate  # noqa: E402
+from app.db import make_engine  # noqa: E402
+from models import Problem  # noqa: E402
+from models.enums import Language, Origin, Verdict  # noqa: E402
+from models.repository import insert_candidates, insert_executions  # noqa: E402
 
 ADMIN_DSN = "host=127.0.0.1 port=5432 user=postgres dbname=test"
 VERDICTS = [Verdict.OK, Verdict.WRONG_ANSWER, Verdict.RUNTIME_ERROR, Verdict.TIME_LIMIT]

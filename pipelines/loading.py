@@ -27,10 +27,14 @@ class ModelSource:
 
     location: str
     gguf_file: str | None = None
+    cached_id: bool = False  # a hub id: only the local cache may answer
 
     @property
-    def kwargs(self) -> dict[str, str]:
-        return {"gguf_file": self.gguf_file} if self.gguf_file else {}
+    def kwargs(self) -> dict[str, str | bool]:
+        if self.gguf_file:
+            return {"gguf_file": self.gguf_file}
+        # Never reach for a hub at run time: a model id must already be cached.
+        return {"local_files_only": True} if self.cached_id else {}
 
 
 def resolve_model(spec: str) -> ModelSource:
@@ -54,7 +58,7 @@ def resolve_model(spec: str) -> ModelSource:
         return ModelSource(str(path.resolve()))
     if path.is_absolute() or spec.startswith("."):
         raise ModelNotFoundError(f"{spec}: no such model folder")
-    return ModelSource(spec)  # a model id: from_pretrained will look in the local cache only
+    return ModelSource(spec, cached_id=True)
 
 
 @contextmanager
