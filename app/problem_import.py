@@ -70,7 +70,12 @@ def parse_problem_line(record: Any, line: int, default_source: str) -> dict[str,
             raise ProblemFormatError(
                 line, "language", f"unknown MultiPL-E language {record.get('language')!r}"
             )
-        record = {**record, "task_id": record["name"], "language": language}
+        record = {
+            **record,
+            "task_id": record["name"],
+            "language": language,
+            "tests": _without_closing_line(record.get("tests")),
+        }
         source = "multipl-e"
     else:
         source = record.get("source", default_source)
@@ -121,6 +126,16 @@ def parse_problem_line(record: Any, line: int, default_source: str) -> dict[str,
         "reference_solution": text("reference_solution", required=False),
         "io_cases": io_cases,
     }
+
+
+def _without_closing_line(tests: object) -> object:
+    """MultiPL-E's tests open with the brace that closes the prompt's function,
+    because its completions stop before it. Our candidates are whole programs
+    that close their function themselves, so that first line is dropped."""
+    if not isinstance(tests, str):
+        return tests
+    first, newline, rest = tests.lstrip("\n").partition("\n")
+    return rest if newline and first.strip() == "}" else tests
 
 
 def read_problem_file(path: Path) -> tuple[list[dict[str, Any]], list[ProblemFormatError]]:
