@@ -40,8 +40,11 @@ train_app = typer.Typer(help="Enqueue a training onto the `training` queue.", no
 console = Console()
 err_console = Console(stderr=True)
 
-STALL_S = 45.0
-"""Seconds without any progress after which the driver reconciles (re-enqueues lost work)."""
+STALL_S = 300.0
+"""Seconds without any progress after which the driver reconciles (re-enqueues lost
+work). Longer than one slow task here (a bundled-model batch takes ~2 min on 2 busy
+cores): reconciling while a task is merely slow re-sends its follow-ups, which is
+harmless but wasted work."""
 STALE_RUN = timedelta(minutes=10)
 """A running training whose heartbeat is older than this lost its worker."""
 QUEUE_GROUPS = (("generation",), ("execution",), ("labeling",), ("training",))
