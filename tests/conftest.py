@@ -8,6 +8,7 @@ import os
 import shutil
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import psycopg
@@ -40,21 +41,32 @@ def _pg_url(dbname: str) -> str:
     )
 
 
-@pytest.fixture(scope="session")
-def pg_url() -> Iterator[str]:
-    """A fresh database on the real server, migrated to head, dropped at the end."""
-    name = f"rr_test_{uuid.uuid4().hex[:10]}"
+@contextmanager
+def fresh_database(prefix: str, *, migrated: bool = True) -> Iterator[str]:
+    """A new database on the real server (migrated to head unless told not to),
+    dropped on exit."""
+    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
     try:
         admin = psycopg.connect(PG_ADMIN_DSN, autocommit=True, connect_timeout=5)
     except psycopg.OperationalError as error:
         unavailable(f"PostgreSQL at {PG_ADMIN_DSN}: {error}")
     with admin:
         admin.execute(f'CREATE DATABASE "{name}"')
-    url = _pg_url(name)
-    migrate.upgrade(url)
-    yield url
-    with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as admin:
-        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    try:
+        url = _pg_url(name)
+        if migrated:
+            migrate.upgrade(url)
+        yield url
+    finally:
+        with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session")
+def pg_url() -> Iterator[str]:
+    """A fresh database on the real server, migrated to head, dropped at the end."""
+    with fresh_database("rr_test") as url:
+        yield url
 
 
 @pytest.fixture(scope="session")

@@ -6,22 +6,15 @@ from typing import Annotated
 from fastapi import Depends
 from sqlalchemy.orm import Session
 
-from app.db import get_sessionmaker
+from app.db import get_sessionmaker, session_scope
 
 
 def write_session() -> Iterator[Session]:
     """Commits when the endpoint returns and rolls back when it raises, before
     the response is sent: a 2xx means the change is stored (and only then are
     follow-up tasks enqueued, by the after-commit hooks of the session)."""
-    session = get_sessionmaker()()
-    try:
+    with session_scope() as session:
         yield session
-        session.commit()
-    except BaseException:
-        session.rollback()
-        raise
-    finally:
-        session.close()
 
 
 def stream_session() -> Iterator[Session]:

@@ -1,9 +1,8 @@
-import psycopg
 from sqlalchemy import create_engine, inspect
 
 from app import migrate
 from models import Base
-from tests.conftest import PG_ADMIN_DSN, _pg_url
+from tests.conftest import fresh_database
 
 
 def _tables(url: str) -> set[str]:
@@ -25,21 +24,14 @@ def test_upgrade_and_downgrade_on_sqlite(tmp_path):
 
 
 def test_upgrade_and_downgrade_on_postgres(pg_url):
-    # pg_url is already at head; take a private database to go down and up again.
-    name = "rr_migrations_" + pg_url.rsplit("_", 1)[-1]
-    with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-    url = _pg_url(name)
-    try:
+    # pg_url proves the server is up; take a private database to go up, down and up.
+    with fresh_database("rr_migrations", migrated=False) as url:
         migrate.upgrade(url)
         assert _tables(url) == set(Base.metadata.tables)
         migrate.downgrade(url, "base")
         assert _tables(url) == set()
         migrate.upgrade(url)
         assert _tables(url) == set(Base.metadata.tables)
-    finally:
-        with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as admin:
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def test_models_match_migrations(pg_url):

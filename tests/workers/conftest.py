@@ -7,15 +7,14 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-import psycopg
 import pytest
 import redis
 
-from app import db, migrate
+from app import db
 from app.settings import get_settings
 from models import ModelVersion, Problem
 from models.enums import ModelKind
-from tests.conftest import PG_ADMIN_DSN, _pg_url
+from tests.conftest import fresh_database
 from workers.celery_app import broker_options, celery
 
 BROKER_DBS = range(1, 11)  # not 0, 11 (bench/flywheel.py) or the conftest's 15
@@ -25,14 +24,8 @@ CLAIM_KEY = "rr-workers-test-claim"
 @pytest.fixture
 def worker_db(pg_url: str) -> Iterator[str]:
     """A fresh, migrated database on the test server (pg_url proves the server is up)."""
-    name = f"rr_workers_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-    url = _pg_url(name)
-    migrate.upgrade(url)
-    yield url
-    with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as admin:
-        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with fresh_database("rr_workers") as url:
+        yield url
 
 
 @pytest.fixture
