@@ -249,6 +249,11 @@ def test_a_redis_restart_mid_iteration_loses_and_duplicates_nothing(
     assert_exactly_once(store, iteration_id, FAULT_PARAMS)
 
 
+def _pg_version() -> str:
+    """The installed cluster's major version (15 on Debian 12), as the set-up script finds it."""
+    return sorted(Path("/etc/postgresql").iterdir(), key=lambda p: int(p.name))[-1].name
+
+
 def test_a_postgres_restart_mid_iteration_loses_and_duplicates_nothing(
     store, flywheel_env, tmp_path, tiny_model_dir
 ):
@@ -256,13 +261,10 @@ def test_a_postgres_restart_mid_iteration_loses_and_duplicates_nothing(
     with workers(flywheel_env, tmp_path):
         wait_until(lambda: count(store, Execution) >= 1, 120, "no execution within 120 s")
         store.close()  # its connection dies with the server
-        restarted = subprocess.run(
-            ["pg_ctlcluster", "--skip-systemctl-redirect", "15", "main", "restart"], check=False
-        )
+        cluster = ["pg_ctlcluster", "--skip-systemctl-redirect", _pg_version(), "main"]
+        restarted = subprocess.run([*cluster, "restart"], check=False)
         if restarted.returncode != 0:  # never leave the shared server down
-            subprocess.run(
-                ["pg_ctlcluster", "--skip-systemctl-redirect", "15", "main", "start"], check=False
-            )
+            subprocess.run([*cluster, "start"], check=False)
         assert restarted.returncode == 0
         wait_until_collected(store, iteration_id)
     assert_exactly_once(store, iteration_id, FAULT_PARAMS)
