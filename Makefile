@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: setup system demo test lint bench clean
+.PHONY: setup system demo test lint clean
 
 setup: system $(STAMP) node_modules/.package-lock.json
 
