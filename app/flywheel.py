@@ -80,7 +80,9 @@ class FlywheelParams:
     max_new_tokens: int = field(default=128, metadata={"help": "Token cap per sample."})
     reward_epochs: int = field(default=1, metadata={"help": "Epochs of each reward training."})
     policy_steps: int = field(
-        default=2, metadata={"help": "PPO steps of the policy update; 0 skips the update."}
+        # One step: on the 2-core default machine each PPO step of the bundled
+        # model costs minutes, and two made the default run miss 20 minutes.
+        default=1, metadata={"help": "PPO steps of the policy update; 0 skips the update."}
     )
 
     @classmethod

@@ -236,7 +236,7 @@ def flywheel_run(
     continuous: Annotated[bool, typer.Option(help="Keep going as new problems arrive.")] = False,
     policy_steps: Annotated[
         int, typer.Option(min=0, help="PPO steps per policy update; 0 skips it.")
-    ] = 2,
+    ] = 1,
     max_new_tokens: Annotated[int, typer.Option(min=1, help="Token cap per sample.")] = 128,
     start_workers: Annotated[
         bool, typer.Option(help="Start and stop worker processes here.")
