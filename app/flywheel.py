@@ -309,7 +309,7 @@ def _scorer(path_or_spec: str):
 def label_problem(session: Session, iteration_id: int, problem_id: int) -> int:
     """Score the problem's executed candidates with the iteration's reward model and
     label the hard negatives; returns labels written. SANDBOX_ERROR is never judged."""
-    from pipelines.mining import MiningPolicy, ScoredCandidate, hard_negative_rule
+    from pipelines.mining import MiningPolicy, ScoredCandidate, mine_hard_negatives
 
     iteration = session.get(Iteration, iteration_id)
     reward = session.get(ModelVersion, iteration.reward_model_version_id)
@@ -350,13 +350,12 @@ def label_problem(session: Session, iteration_id: int, problem_id: int) -> int:
     ]
     labels = [
         {
-            "candidate_id": c.candidate_id,
+            "candidate_id": candidate_id,
             "reward_model_version_id": reward.id,
             "iteration_id": iteration_id,
             "rule": rule,
         }
-        for c in scored
-        if (rule := hard_negative_rule(c, scored, MiningPolicy())) is not None
+        for candidate_id, rule in mine_hard_negatives(scored, MiningPolicy())
     ]
     if not labels:
         return 0
