@@ -78,7 +78,12 @@ def _reload_settings() -> None:
     settings = get_settings()
     celery.conf.broker_url = settings.celery_broker_url
     celery.conf.broker_transport_options = broker_options(settings)
-    celery.close()  # drops the producer pool bound to the previous broker
+    # Drop the connection and producer pools bound to the previous broker. Celery
+    # 5.7's close() clears only the first, and an earlier test (the API's /health)
+    # may have built both on the embedded broker; these are the two attributes
+    # Celery itself resets after a fork.
+    celery._pool = None
+    celery.amqp._producer_pool = None
 
 
 @pytest.fixture
