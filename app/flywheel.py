@@ -78,6 +78,10 @@ class FlywheelParams:
     candidates: int = field(default=8, metadata={"help": "Candidates sampled per problem."})
     batch_size: int = field(default=2, metadata={"help": "Problems per generation task."})
     max_new_tokens: int = field(default=128, metadata={"help": "Token cap per sample."})
+    prompt_style: str = field(
+        default="auto",
+        metadata={"help": "Prompt format of generation and of the policy update on it."},
+    )
     reward_epochs: int = field(default=1, metadata={"help": "Epochs of each reward training."})
     policy_steps: int = field(
         # One step: on the 2-core default machine each PPO step of the bundled
@@ -185,12 +189,20 @@ def _batches(iteration: Iteration, problem_ids: list[int]) -> list[list[int]]:
 
 
 @lru_cache(maxsize=2)
-def _generator(backend: str, model: str, seed: int, max_new_tokens: int):
+def _generator(
+    backend: str, model: str, seed: int, max_new_tokens: int, prompt_style: str = "auto"
+):
     """One generator per worker process and configuration: loading a model is slow."""
     from pipelines.generation import GenerationConfig, make_generator
 
     return make_generator(
-        GenerationConfig(backend=backend, model=model, seed=seed, max_new_tokens=max_new_tokens)
+        GenerationConfig(
+            backend=backend,
+            model=model,
+            seed=seed,
+            max_new_tokens=max_new_tokens,
+            prompt_style=prompt_style,
+        )
     )
 
 
@@ -209,7 +221,11 @@ def generate_batch(session: Session, iteration_id: int, problem_ids: list[int]) 
     ).all()
     version = session.get(ModelVersion, iteration.generator_version_id)
     generator = _generator(
-        params.backend, version.path or version.base_model, iteration.number, params.max_new_tokens
+        params.backend,
+        version.path or version.base_model,
+        iteration.number,
+        params.max_new_tokens,
+        params.prompt_style,
     )
     # Generate before taking the lock: the lock is held only for the write.
     samples = generator.generate([PromptSpec.from_problem(p) for p in problems], params.candidates)
@@ -496,7 +512,11 @@ def advance_iteration(session: Session, iteration_id: int) -> IterationStatus:
                     session,
                     RunKind.POLICY,
                     iteration_id=iteration_id,
-                    params={"steps": params.policy_steps, "max_new_tokens": params.max_new_tokens},
+                    params={
+                        "steps": params.policy_steps,
+                        "max_new_tokens": params.max_new_tokens,
+                        "prompt_style": params.prompt_style,  # train on what generation fed
+                    },
                 )
             return iteration.status
         _finish(session, iteration)
@@ -656,7 +676,9 @@ def _train_policy(
         reward_version=current_model(session, ModelKind.REWARD),
         prompts=[PromptSpec.from_problem(p) for p in problems],
         config=PolicyConfig(
-            steps=run.params.get("steps", 2), max_new_tokens=run.params.get("max_new_tokens", 128)
+            steps=run.params.get("steps", 2),
+            max_new_tokens=run.params.get("max_new_tokens", 128),
+            prompt_style=run.params.get("prompt_style", "auto"),
         ),
         data_dir=get_settings().data_dir,
         iteration_id=run.iteration_id,

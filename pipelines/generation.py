@@ -7,6 +7,10 @@ In C++, Java, C# and Bash the stop is the closing of the prompt's function, and
 `code` keeps that closing line: the sandbox puts its C++ prologue between code
 and tests, so code must not end inside a function. (MultiPL-E's own tests for
 these languages begin with that closing line; they need it dropped on import.)
+
+The prompt format has one home here: `prompt_ids` (the tokens the model continues,
+chat-wrapped or not as `prompt_style` says) and `continuation` (what a reply adds to
+the prompt). The policy update trains and judges its rollouts with the same two.
 """
 
 import ast
@@ -206,8 +210,16 @@ def completion_from_reply(reply: str, prompt: str, language: Language) -> str:
     return body
 
 
-def _sample(prompt: PromptSpec, completion: str, num_tokens: int) -> Sample:
-    cut = cut_at_stop(completion, Language(prompt.language))
+def continuation(reply: str, prompt: str, language: Language, chat: bool) -> str:
+    """What a model's reply adds to `prompt` (from a chat reply, the body of the
+    prompt's function), cut at the first stop: a candidate's code is prompt + this.
+    The policy update judges its rollouts by the same cut."""
+    completion = completion_from_reply(reply, prompt, language) if chat else reply
+    return cut_at_stop(completion, language)
+
+
+def _sample(prompt: PromptSpec, reply: str, chat: bool, num_tokens: int) -> Sample:
+    cut = continuation(reply, prompt.prompt, Language(prompt.language), chat)
     return Sample(code=prompt.prompt + cut, completion=cut, num_tokens=num_tokens)
 
 
@@ -221,14 +233,16 @@ def _chat_messages(prompt: PromptSpec) -> list[dict[str, str]]:
     ]
 
 
-def _uses_chat(style: str, tokenizer: Any) -> bool:
+def uses_chat(style: str, tokenizer: Any) -> bool:
+    """Whether `style` ('auto', 'chat' or 'completion') wraps prompts in the chat template."""
     has_template = bool(tokenizer.chat_template)
     if style == "chat" and not has_template:
         raise ValueError("prompt_style='chat' but the model's tokenizer has no chat template")
     return style == "chat" or (style == "auto" and has_template)
 
 
-def _model_input(prompt: PromptSpec, chat: bool, tokenizer: Any) -> str:
+def model_input(prompt: PromptSpec, chat: bool, tokenizer: Any) -> str:
+    """The text the model continues for `prompt`: chat-wrapped or as is."""
     if not prompt.prompt.strip():
         raise ValueError(f"problem {prompt.problem_id}: empty prompt")
     if not chat:
@@ -236,6 +250,24 @@ def _model_input(prompt: PromptSpec, chat: bool, tokenizer: Any) -> str:
     return tokenizer.apply_chat_template(
         _chat_messages(prompt), tokenize=False, add_generation_prompt=True
     )
+
+
+def prompt_ids(prompt: PromptSpec, chat: bool, tokenizer: Any) -> list[int]:
+    """The token ids the model continues for `prompt`: what generation feeds it, and
+    the query the policy update trains on."""
+    # A chat template writes its own special tokens; and a chat model's BOS is
+    # often its turn marker (SmolLM2: <|im_start|>), which would make a
+    # plain-code prompt read as a speaker's name. Only base models get BOS.
+    add_special_tokens = not tokenizer.chat_template
+    text = model_input(prompt, chat, tokenizer)
+    return tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
+
+
+def reply_text(tokenizer: Any, tokens: Sequence[int]) -> tuple[str, int]:
+    """Text and length of one generated row, up to its first EOS or padding."""
+    ends = {tokenizer.eos_token_id, tokenizer.pad_token_id}
+    length = next((k for k, token in enumerate(tokens) if token in ends), len(tokens))
+    return tokenizer.decode(tokens[:length], skip_special_tokens=True), length
 
 
 def _check_n(n: int) -> None:
@@ -265,11 +297,7 @@ class TransformersGenerator:
             dtype = torch.bfloat16 if device == "cuda" else torch.float32
             model = load_causal_lm(config.model, dtype=dtype).to(device)
         self.model = model.eval()
-        self.chat = _uses_chat(config.prompt_style, self.tokenizer)
-        # A chat template writes its own special tokens; and a chat model's BOS is
-        # often its turn marker (SmolLM2: <|im_start|>), which would make a
-        # plain-code prompt read as a speaker's name. Only base models get BOS.
-        self._add_special_tokens = not self.tokenizer.chat_template
+        self.chat = uses_chat(config.prompt_style, self.tokenizer)
         self.tokens_generated = 0  # running total, read by the benchmark
         # Building a StopStringCriteria scans the whole vocabulary (~1 s); do it
         # once per language rather than once per generate call.
@@ -279,10 +307,10 @@ class TransformersGenerator:
         import torch
 
         _check_n(n)
-        texts = self.model_inputs(prompts)
+        inputs = [prompt_ids(prompt, self.chat, self.tokenizer) for prompt in prompts]
         order = sorted(
             (i for i in range(len(prompts)) for _ in range(n)),
-            key=lambda i: (prompts[i].language, len(texts[i])),
+            key=lambda i: (prompts[i].language, len(inputs[i])),
         )
         torch.manual_seed(self.config.seed)
         results: list[list[Sample]] = [[] for _ in prompts]
@@ -293,30 +321,22 @@ class TransformersGenerator:
             for language in dict.fromkeys(prompts[i].language for i in batch):
                 rows = [i for i in batch if prompts[i].language == language]
                 for i, (reply, count) in zip(
-                    rows, self._generate_batch(rows, texts, language), strict=True
+                    rows, self._generate_batch(rows, inputs, language), strict=True
                 ):
-                    results[i].append(self._to_sample(prompts[i], reply, count))
+                    results[i].append(_sample(prompts[i], reply, self.chat, count))
         return results
 
     def model_inputs(self, prompts: Sequence[PromptSpec]) -> list[str]:
         """The text the model continues for each prompt (chat-wrapped or as is)."""
-        return [_model_input(prompt, self.chat, self.tokenizer) for prompt in prompts]
-
-    def _to_sample(self, prompt: PromptSpec, reply: str, num_tokens: int) -> Sample:
-        if self.chat:
-            reply = completion_from_reply(reply, prompt.prompt, Language(prompt.language))
-        return _sample(prompt, reply, num_tokens)
+        return [model_input(prompt, self.chat, self.tokenizer) for prompt in prompts]
 
     def _generate_batch(
-        self, rows: list[int], texts: list[str], language: str
+        self, rows: list[int], inputs: list[list[int]], language: str
     ) -> list[tuple[str, int]]:
         import torch
 
-        encoded = self.tokenizer(
-            [texts[i] for i in rows],
-            return_tensors="pt",
-            padding=True,
-            add_special_tokens=self._add_special_tokens,
+        encoded = self.tokenizer.pad(
+            {"input_ids": [inputs[i] for i in rows]}, return_tensors="pt"
         ).to(self.model.device)
         sampling = self.config.temperature > 0
         with torch.inference_mode():
@@ -343,11 +363,8 @@ class TransformersGenerator:
         return StoppingCriteriaList([self._stop_criteria[language]])
 
     def _decode(self, tokens: Any) -> tuple[str, int]:
-        """Text and length of one generated row, up to its first EOS or padding."""
-        ends = {self.tokenizer.eos_token_id, self.tokenizer.pad_token_id}
-        length = next((k for k, token in enumerate(tokens.tolist()) if token in ends), len(tokens))
+        text, length = reply_text(self.tokenizer, tokens.tolist())
         self.tokens_generated += length
-        text = self.tokenizer.decode(tokens[:length], skip_special_tokens=True)
         return text, max(length, 1)
 
 
@@ -370,7 +387,7 @@ class VLLMGenerator:
         self.config = config
         self.vllm = vllm
         self.tokenizer = load_tokenizer(config.model)
-        self.chat = _uses_chat(config.prompt_style, self.tokenizer)
+        self.chat = uses_chat(config.prompt_style, self.tokenizer)
         source = resolve_model(config.model)
         location = f"{source.location}/{source.gguf_file}" if source.gguf_file else source.location
         self.llm = vllm.LLM(model=location, tokenizer=source.location, seed=config.seed)
@@ -389,18 +406,17 @@ class VLLMGenerator:
         _check_n(n)
         if not prompts:
             return []
-        texts = [_model_input(prompt, self.chat, self.tokenizer) for prompt in prompts]
+        texts = [model_input(prompt, self.chat, self.tokenizer) for prompt in prompts]
         params = [self.sampling_params(prompt, n) for prompt in prompts]
         outputs = self.llm.generate(texts, params)
         results = []
         for prompt, output in zip(prompts, outputs, strict=True):
-            samples = []
-            for choice in output.outputs:
-                text = choice.text
-                if self.chat:
-                    text = completion_from_reply(text, prompt.prompt, Language(prompt.language))
-                samples.append(_sample(prompt, text, max(len(choice.token_ids), 1)))
-            results.append(samples)
+            results.append(
+                [
+                    _sample(prompt, choice.text, self.chat, max(len(choice.token_ids), 1))
+                    for choice in output.outputs
+                ]
+            )
         return results
 
 

@@ -7,9 +7,11 @@ GRPO is TRL's maintained PPO-clip trainer: no value model, the baseline is the m
 reward of several completions of the same prompt, and the sandbox verdict can join
 the reward model as a second reward.
 
-The policy completes each problem's prompt as plain text (no chat template). Under
-GRPO a completion is judged as the program the store would keep, prompt + completion
-cut at the language's stop sequences; PPO's trainer scores the tokens up to EOS.
+The policy is trained on the prompts generation uses: each query is `prompt_ids` of
+the problem in the same `prompt_style` (chat-wrapped for an instruct model), and each
+rollout is judged as the program the store would keep for it (`continuation`: the code
+taken from a chat reply, cut at the language's stop sequences), scored by the reward
+model as the store scores candidates, under PPO and GRPO alike.
 """
 
 import copy
@@ -21,7 +23,8 @@ import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal
+from types import SimpleNamespace
+from typing import Any, Literal
 
 import torch
 from datasets import Dataset
@@ -31,10 +34,17 @@ from trl import GRPOConfig, GRPOTrainer
 
 from models import ModelVersion
 from models.enums import Language, ModelKind
-from pipelines.generation import PromptSpec, cut_at_stop
+from pipelines.generation import (
+    PROMPT_STYLES,
+    PromptSpec,
+    continuation,
+    model_input,
+    prompt_ids,
+    reply_text,
+    uses_chat,
+)
 from pipelines.loading import (
     load_causal_lm,
-    load_sequence_classifier,
     load_tokenizer,
     resolve_model,
 )
@@ -93,6 +103,13 @@ class PolicyConfig:
             "second reward; needs every prompt's tests."
         },
     )
+    prompt_style: str = field(
+        default="auto",
+        metadata={
+            "help": "The generation's `prompt_style` (auto, chat or completion): the policy "
+            "trains on the prompts the generator is fed."
+        },
+    )
     seed: int = field(
         default=0, metadata={"help": "Seed of sampling, shuffling and initialisation."}
     )
@@ -102,6 +119,8 @@ class PolicyConfig:
             raise ValueError(
                 f"unknown policy algo {self.algo!r}: expected one of {', '.join(ALGOS)}"
             )
+        if self.prompt_style not in PROMPT_STYLES:
+            raise ValueError(f"unknown prompt_style {self.prompt_style!r} (known: {PROMPT_STYLES})")
         if self.verdict_reward and self.algo != "grpo":
             raise ValueError("verdict_reward needs algo 'grpo': PPO takes a single reward model")
         if self.algo == "grpo" and self.num_generations < 2:
@@ -125,8 +144,8 @@ class ProgressCallback(TrainerCallback):
 
 class RewardModelScore:
     """GRPO reward: the reward model's score of each completion, computed exactly as the
-    store scores candidates (`RewardScorer` on prompt + completion cut at the language's
-    stop sequences), so the policy climbs the ranking that best-of-N uses."""
+    store scores candidates (`RewardScorer` on the problem's prompt and the program the
+    generator would have stored), so the policy climbs the ranking that best-of-N uses."""
 
     __name__ = "reward_model"  # TRL names the logged metric `rewards/<__name__>/mean`
 
@@ -134,29 +153,81 @@ class RewardModelScore:
         self.scorer = RewardScorer(reward_model)
 
     def __call__(
-        self, prompts: list[str], completions: list[str], language: list[str], **_: object
+        self,
+        completions: list[str],
+        problem_prompt: list[str],
+        language: list[str],
+        chat: list[bool],
+        **_: object,
     ) -> list[float]:
-        codes = [program(*args) for args in zip(prompts, completions, language, strict=True)]
-        return self.scorer.score(prompts, codes)
+        # GRPOTrainer passes the dataset's columns but `prompt` (the chat-wrapped
+        # model input) per completion.
+        columns = zip(problem_prompt, completions, language, chat, strict=True)
+        return self.scorer.score(problem_prompt, [program(*row) for row in columns])
 
 
 def sandbox_verdict(
-    prompts: list[str], completions: list[str], language: list[str], tests: list[str], **_: object
+    completions: list[str],
+    problem_prompt: list[str],
+    language: list[str],
+    chat: list[bool],
+    tests: list[str],
+    **_: object,
 ) -> list[float]:
     """GRPO reward: 1.0 when the completed program passes its problem's tests, else 0.0."""
-    # GRPOTrainer passes the dataset's other columns (`language`, `tests`) per completion.
     jobs = [
-        Job(language=lang, code=program(prompt, completion, lang), tests=test)
-        for prompt, completion, lang, test in zip(
-            prompts, completions, language, tests, strict=True
+        Job(language=lang, code=program(prompt, completion, lang, is_chat), tests=test)
+        for prompt, completion, lang, is_chat, test in zip(
+            problem_prompt, completions, language, chat, tests, strict=True
         )
     ]
     return [1.0 if result.verdict == "OK" else 0.0 for result in run_batch(jobs)]
 
 
-def program(prompt: str, completion: str, language: str) -> str:
-    """The candidate program a completion makes, as generation stores it."""
-    return prompt + cut_at_stop(completion, Language(language))
+def program(prompt: str, reply: str, language: str, chat: bool) -> str:
+    """The candidate program a sampled reply makes, as generation stores it."""
+    return prompt + continuation(reply, prompt, Language(language), chat)
+
+
+class ProgramRewardModel(torch.nn.Module):
+    """PPO's reward model: scores each rollout as the store would score the candidate
+    generation keeps for it (reply decoded, `program`, `RewardScorer`), not by reading
+    the rollout's raw tokens, which in chat style hold the template and the prose around
+    the code. TRL's PPO calls a reward model as `score(<base_model_prefix>(...)
+    .hidden_states[-1])` and reads one position per row: this one puts the score at every
+    position."""
+
+    base_model_prefix = "rollouts"
+
+    def __init__(
+        self,
+        scorer: RewardScorer,
+        tokenizer: PreTrainedTokenizerBase,
+        prompts: Sequence[PromptSpec],
+        queries: list[list[int]],
+        chat: bool,
+    ) -> None:
+        super().__init__()
+        self.scorer, self.tokenizer, self.chat = scorer, tokenizer, chat
+        # Longest first: a query that is a prefix of another must not claim its rows.
+        self.queries = sorted(zip(queries, prompts, strict=True), key=lambda q: -len(q[0]))
+
+    def rollouts(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **_: Any
+    ) -> SimpleNamespace:
+        prompts, codes = [], []
+        for ids, mask in zip(input_ids.tolist(), attention_mask.tolist(), strict=True):
+            start = mask.index(1)  # the queries are left-padded
+            end = mask.index(0, start) if 0 in mask[start:] else len(ids)
+            query, prompt = next(q for q in self.queries if ids[start:][: len(q[0])] == q[0])
+            reply, _ = reply_text(self.tokenizer, ids[start + len(query) : end])
+            prompts.append(prompt.prompt)
+            codes.append(program(prompt.prompt, reply, prompt.language, self.chat))
+        scores = torch.tensor(self.scorer.score(prompts, codes), device=input_ids.device)
+        return SimpleNamespace(hidden_states=[scores[:, None, None].expand(*input_ids.shape, 1)])
+
+    def score(self, hidden: torch.Tensor) -> torch.Tensor:
+        return hidden
 
 
 def update_policy(
@@ -186,14 +257,17 @@ def update_policy(
     resolve_model(generator)  # raise ModelNotFoundError naming a missing spec now
     resolve_model(reward_model)
     tokenizer = load_tokenizer(generator)
+    chat = uses_chat(config.prompt_style, tokenizer)  # as the generator decides it
 
     # 2. train
     started = time.perf_counter()
     if config.algo == "ppo":
-        trainer = _ppo_trainer(generator, reward_model, tokenizer, prompts, config, output_dir)
+        trainer = _ppo_trainer(
+            generator, reward_model, tokenizer, prompts, config, output_dir, chat
+        )
     else:
         trainer = _grpo_trainer(
-            generator, reward_model, tokenizer, prompts, config, output_dir, tests
+            generator, reward_model, tokenizer, prompts, config, output_dir, chat, tests
         )
     if progress:
         trainer.add_callback(ProgressCallback(progress))
@@ -280,11 +354,12 @@ def _ppo_trainer(
     prompts: Sequence[PromptSpec],
     config: PolicyConfig,
     output_dir: Path,
+    chat: bool,
 ) -> Trainer:
     # Imported only when chosen: importing trl.experimental warns that it is unstable.
     from trl.experimental.ppo import PPOConfig, PPOTrainer
 
-    # PPO feeds the policy's token ids straight into the reward and value models.
+    # PPO feeds the policy's token ids straight into the value model, a reward model copy.
     if load_tokenizer(reward_model).get_vocab() != tokenizer.get_vocab():
         raise ValueError(
             f"reward model {reward_model} has a different tokenizer from generator {generator}: "
@@ -308,23 +383,42 @@ def _ppo_trainer(
         report_to="none",
         bf16=_bf16_available(),
     )
-    policy = load_causal_lm(generator)
-    reward = load_sequence_classifier(reward_model)
-    # The critic starts as a copy of the reward model, as in TRL's PPO examples: it
-    # already reads code quality, so its value estimates are useful from the first batch.
-    value = copy.deepcopy(reward)
+    queries = [prompt_ids(p, chat, tokenizer) for p in prompts]
+    processing = _padding_outside(tokenizer, queries)
     # Left padding: the trainer appends each response right after its query.
-    tokenizer.padding_side = "left"
-    queries = Dataset.from_dict({"input_ids": [tokenizer(p.prompt).input_ids for p in prompts]})
+    processing.padding_side = "left"
+    scorer = RewardScorer(reward_model)
     return PPOTrainer(
         args=args,
-        processing_class=tokenizer,
-        model=policy,
+        processing_class=processing,
+        model=load_causal_lm(generator),
         ref_model=None,  # the trainer takes a frozen deep copy of the policy
-        reward_model=reward,
-        value_model=value,
-        train_dataset=queries,
+        reward_model=ProgramRewardModel(scorer, processing, prompts, queries, chat),
+        # The critic starts as a copy of the reward model, as in TRL's PPO examples: it
+        # already reads code quality, so its value estimates are useful from the first batch.
+        value_model=copy.deepcopy(scorer.model),
+        train_dataset=Dataset.from_dict({"input_ids": queries}),
     )
+
+
+def _padding_outside(
+    tokenizer: PreTrainedTokenizerBase, queries: list[list[int]]
+) -> PreTrainedTokenizerBase:
+    """`tokenizer`, or a copy whose pad token occurs in no query. TRL's PPO takes every
+    pad id for padding (mask = ids != pad); a chat query holds the pad token where that
+    is the turn end (SmolLM2 pads with <|im_end|>), and the policy would not see it."""
+    used = {token for query in queries for token in query}
+    if tokenizer.pad_token_id not in used:
+        return tokenizer
+    free = [i for i in tokenizer.all_special_ids if i not in used and i != tokenizer.eos_token_id]
+    if not free:
+        raise ValueError(
+            "PPO needs a pad token that no prompt contains, and every special token of "
+            "this tokenizer occurs in one (use algo 'grpo')"
+        )
+    processing = copy.deepcopy(tokenizer)
+    processing.pad_token = processing.convert_ids_to_tokens(free[0])
+    return processing
 
 
 def _grpo_trainer(
@@ -334,6 +428,7 @@ def _grpo_trainer(
     prompts: Sequence[PromptSpec],
     config: PolicyConfig,
     output_dir: Path,
+    chat: bool,
     tests: Mapping[int, str] | None,
 ) -> Trainer:
     batch_size = min(config.batch_size, len(prompts))  # the trainer drops incomplete batches
@@ -353,8 +448,21 @@ def _grpo_trainer(
         report_to="none",
         bf16=_bf16_available(),
     )
+    texts = [model_input(p, chat, tokenizer) for p in prompts]
+    # GRPOTrainer tokenizes a text prompt itself, with the tokenizer's special tokens.
+    for p, text in zip(prompts, texts, strict=True):
+        if tokenizer(text)["input_ids"] != prompt_ids(p, chat, tokenizer):
+            raise ValueError(
+                f"problem {p.problem_id}: GRPO would add special tokens to the prompt that "
+                "generation does not feed the model (use algo 'ppo')"
+            )
     # GRPOTrainer hands every column but `prompt` to the reward functions.
-    columns = {"prompt": [p.prompt for p in prompts], "language": [p.language for p in prompts]}
+    columns = {
+        "prompt": texts,
+        "problem_prompt": [p.prompt for p in prompts],
+        "language": [p.language for p in prompts],
+        "chat": [chat] * len(prompts),
+    }
     reward_funcs: list[Callable[..., list[float]]] = [RewardModelScore(reward_model)]
     if config.verdict_reward:
         columns["tests"] = [tests[p.problem_id] for p in prompts]

@@ -10,14 +10,30 @@ from sqlalchemy import func, select
 from app.settings import BUNDLED_MODEL
 from models import ModelVersion
 from models.enums import ModelKind
-from pipelines.generation import PromptSpec
+from pipelines.generation import (
+    GenerationConfig,
+    PromptSpec,
+    TransformersGenerator,
+    prompt_ids,
+    uses_chat,
+)
 from pipelines.loading import (
     ModelNotFoundError,
     load_causal_lm,
     load_sequence_classifier,
     load_tokenizer,
 )
-from pipelines.policy import PolicyConfig, sandbox_verdict, train_and_register_policy, update_policy
+from pipelines.policy import (
+    PolicyConfig,
+    ProgramRewardModel,
+    _grpo_trainer,
+    _padding_outside,
+    _ppo_trainer,
+    sandbox_verdict,
+    train_and_register_policy,
+    update_policy,
+)
+from pipelines.reward_model import RewardScorer
 from tests.factories import make_model_version
 
 PROMPTS = [
@@ -40,6 +56,17 @@ def tiny_reward_dir(tiny_model_dir: Path, tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("reward")
     load_sequence_classifier(str(tiny_model_dir)).save_pretrained(folder)
     load_tokenizer(str(tiny_model_dir)).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def plain_model_dir(tiny_model_dir: Path, tmp_path_factory) -> Path:
+    """The tiny model with a tokenizer that has no chat template, as a base model's."""
+    folder = tmp_path_factory.mktemp("plain")
+    load_causal_lm(str(tiny_model_dir)).save_pretrained(folder)
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    tokenizer.chat_template = None
+    tokenizer.save_pretrained(folder)
     return folder
 
 
@@ -76,14 +103,93 @@ def test_one_step_changes_the_policy(algo, tiny_model_dir, tiny_reward_dir, tmp_
 
 
 def test_verdict_reward_runs_each_completion_against_its_own_problem(tmp_path):
-    # Real sandbox: a completion that finishes the function passes, a wrong one fails.
+    # Real sandbox: a completion that finishes the function passes, a wrong one fails;
+    # a chat reply is judged by the function in its fenced block, as generation stores it.
     rewards = sandbox_verdict(
-        prompts=["def add(a, b):\n", "def add(a, b):\n"],
-        completions=["    return a + b\n", "    return a - b\n"],
-        language=["python", "python"],
-        tests=["assert add(1, 2) == 3\n", "assert add(1, 2) == 3\n"],
+        prompts=["<chat-wrapped model input, not judged>"] * 3,
+        completions=[
+            "    return a + b\n",
+            "    return a - b\n",
+            "Sure:\n```python\ndef add(a, b):\n    return a + b\n```\nIt adds.",
+        ],
+        problem_prompt=["def add(a, b):\n"] * 3,
+        language=["python"] * 3,
+        chat=[False, False, True],
+        tests=["assert add(1, 2) == 3\n"] * 3,
     )
-    assert rewards == [1.0, 0.0]
+    assert rewards == [1.0, 0.0, 1.0]
+
+
+def generator_input_ids(model_dir: Path, style: str, prompts: list[PromptSpec]) -> list[list[int]]:
+    """The token ids the transformers generator feeds the model, one prompt at a time."""
+    config = GenerationConfig(model=str(model_dir), prompt_style=style, max_new_tokens=1)
+    generator = TransformersGenerator(config)
+    fed, generate = [], generator.model.generate
+
+    def recording(**kwargs):
+        fed.append(kwargs["input_ids"][0].tolist())  # one unpadded row per call
+        return generate(**kwargs)
+
+    generator.model.generate = recording
+    for prompt in prompts:
+        generator.generate([prompt], 1)
+    return fed
+
+
+@pytest.mark.parametrize(
+    ("model", "style", "chat"),
+    [
+        ("tiny_model_dir", "auto", True),  # the bundled tokenizer has a chat template
+        ("tiny_model_dir", "completion", False),
+        ("plain_model_dir", "auto", False),  # no template: auto means completion
+    ],
+)
+def test_the_policy_trains_on_the_tokens_generation_feeds(
+    model, style, chat, request, tiny_reward_dir, tmp_path
+):
+    model_dir: Path = request.getfixturevalue(model)
+    fed = generator_input_ids(model_dir, style, PROMPTS)
+    tokenizer = load_tokenizer(str(model_dir))
+    assert uses_chat(style, tokenizer) == chat  # as update_policy resolves the style
+    assert any(tokenizer.convert_tokens_to_ids("<|im_start|>") in ids for ids in fed) == chat
+    ppo_args = (str(model_dir), str(tiny_reward_dir), tokenizer, PROMPTS)
+
+    ppo = _ppo_trainer(*ppo_args, PolicyConfig(prompt_style=style, **TINY), tmp_path, chat)
+    grpo_config = PolicyConfig(algo="grpo", prompt_style=style, **TINY)
+    grpo = _grpo_trainer(*ppo_args, grpo_config, tmp_path / "grpo", chat, None)
+
+    assert list(ppo.train_dataset["input_ids"]) == fed
+    # TRL's PPO masks every pad id: no query token may be one.
+    assert not any(ppo.processing_class.pad_token_id in ids for ids in fed)
+    # GRPOTrainer tokenizes its text prompts itself; this is its own tokenization.
+    assert grpo._tokenize_prompts(list(grpo.train_dataset["prompt"]))[0] == fed
+
+
+def test_ppo_scores_a_rollout_as_the_store_scores_its_candidate(tiny_model_dir, tiny_reward_dir):
+    from trl.experimental.utils import get_reward  # how PPOTrainer reads its reward model
+
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    queries = [prompt_ids(prompt, True, tokenizer) for prompt in PROMPTS]
+    tokenizer = _padding_outside(tokenizer, queries)
+    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
+    scorer = RewardScorer(str(tiny_reward_dir))
+    reward = ProgramRewardModel(scorer, tokenizer, PROMPTS, queries, chat=True)
+    replies = ["Sure:\n```python\ndef add(a, b):\n    return a + b\n```\nIt adds.", " a - b"]
+    responses = [tokenizer(r, add_special_tokens=False)["input_ids"] + [eos] for r in replies]
+    # As the trainer lays out a batch: queries left-padded, responses right-padded.
+    width = max(len(query) for query in queries)
+    length = max(len(response) for response in responses) + 2
+    rows = [
+        [pad] * (width - len(query)) + query + response + [pad] * (length - len(response))
+        for query, response in zip(queries, responses, strict=True)
+    ]
+
+    _, scores, _ = get_reward(reward, torch.tensor(rows), pad, width)
+
+    # What generation stores for those replies, scored as the store scores candidates.
+    codes = ["def add(a, b):\n    return a + b\n", "def sub(a, b):\n    return a - b"]
+    expected = scorer.score([p.prompt for p in PROMPTS], codes)
+    assert scores.tolist() == pytest.approx(expected)
 
 
 def test_grpo_step_with_the_verdict_reward(tiny_model_dir, tiny_reward_dir, tmp_path):
@@ -222,12 +328,15 @@ def test_grpo_step_on_the_bundled_gguf_generator(tmp_path):
     # The project's default generator is a GGUF: transformers loads it with its quantizer
     # attached, which must be detached for the policy to train, and GRPO must build its
     # reference copy without reading the GGUF itself. ~2 CPU-minutes on 2 cores.
+    # Completion style: in 8 tokens its chat replies are all the same preamble, whose
+    # rewards do not differ, and GRPO learns nothing from a group of equal rewards.
     output = tmp_path / "policy"
+    config = PolicyConfig(algo="grpo", prompt_style="completion", **{**TINY, "learning_rate": 1e-4})
     update_policy(
         generator=BUNDLED_MODEL,
         reward_model=BUNDLED_MODEL,  # a fresh head on the same GGUF backbone
         prompts=PROMPTS,
-        config=PolicyConfig(algo="grpo", **{**TINY, "learning_rate": 1e-4}),
+        config=config,
         output_dir=output,
     )
 
