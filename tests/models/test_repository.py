@@ -4,7 +4,7 @@ import pytest
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 
-from models import Candidate, Execution, Problem, Score, TrainingRun
+from models import Candidate, Execution, Iteration, Problem, Score, TrainingRun
 from models.enums import Origin, RunKind, RunStatus, Verdict
 from models.repository import content_hash, insert_candidates, insert_executions
 from tests.factories import make_candidate, make_model_version, make_problem
@@ -61,6 +61,94 @@ def test_insert_executions_keeps_the_first_verdict(session):
         session.scalar(select(Execution.verdict).where(Execution.candidate_id == candidate.id))
         == Verdict.OK
     )
+
+
+def test_bulk_rows_round_trip_odd_text_exactly(session):
+    problem = make_problem(session)
+    odd = [
+        "tab\there",
+        "line\nbreak\r\nand carriage",
+        "back\\slash \\N \\. \\t",
+        "quotes ' \" , ; |",
+        "unicode é ß 漢字 🐍 \u2028",
+        "\\.\n",  # COPY's text-format end marker on a line of its own
+        "",  # not NULL
+    ]
+    rows = [{"problem_id": problem.id, "code": code, "origin": Origin.MUTATION} for code in odd]
+    ids = insert_candidates(session, rows)
+    insert_executions(
+        session,
+        [
+            {
+                "candidate_id": i,
+                "verdict": Verdict.RUNTIME_ERROR,
+                "stdout_tail": code,
+                "stderr_tail": "",
+            }
+            for i, code in zip(ids, odd, strict=True)
+        ],
+    )
+    session.expire_all()
+    stored = session.execute(
+        select(Candidate.code, Candidate.origin, Execution.stdout_tail, Execution.verdict)
+        .join(Execution)
+        .where(Candidate.id.in_(ids))
+        .order_by(Candidate.id)
+    ).all()
+    assert stored == [(code, Origin.MUTATION, code, Verdict.RUNTIME_ERROR) for code in odd]
+    assert insert_candidates(session, rows) == ids
+
+
+def test_insert_executions_copies_the_candidates_iteration(session):
+    iteration = Iteration(number=7001)
+    session.add(iteration)
+    session.flush()
+    problem = make_problem(session)
+    with_iteration = make_candidate(session, problem=problem, iteration_id=iteration.id)
+    without = make_candidate(session, problem=problem)
+    rows = [
+        {"candidate_id": with_iteration.id, "verdict": Verdict.OK, "iteration_id": None},
+        {"candidate_id": without.id, "verdict": Verdict.OK},
+        {"candidate_id": with_iteration.id, "verdict": Verdict.TIME_LIMIT},  # first one wins
+    ]
+    assert insert_executions(session, rows) == 2
+    stored = session.execute(
+        select(
+            Execution.candidate_id, Execution.iteration_id, Execution.verdict, Execution.attempts
+        ).where(Execution.candidate_id.in_([with_iteration.id, without.id]))
+    ).all()
+    assert sorted(stored) == sorted(
+        [(with_iteration.id, iteration.id, Verdict.OK, 1), (without.id, None, Verdict.OK, 1)]
+    )
+
+
+def test_insert_executions_refuses_an_unknown_candidate(session):
+    with pytest.raises(IntegrityError):
+        insert_executions(session, [{"candidate_id": 10**12, "verdict": Verdict.OK}])
+
+
+def test_bulk_inserts_see_rows_pending_in_the_session(session):
+    candidate = make_candidate(session, problem=make_problem(session))
+    session.add(Execution(candidate_id=candidate.id, verdict=Verdict.WRONG_ANSWER))
+    assert insert_executions(session, [{"candidate_id": candidate.id, "verdict": Verdict.OK}]) == 0
+    verdict = select(Execution.verdict).where(Execution.candidate_id == candidate.id)
+    assert session.scalar(verdict) == Verdict.WRONG_ANSWER
+
+
+def test_bulk_inserts_share_one_transaction(session):
+    """Both calls, twice, inside one transaction: what they stage does not collide."""
+    problem = make_problem(session)
+    for _ in range(2):
+        ids = insert_candidates(
+            session,
+            [
+                {"problem_id": problem.id, "code": f"x = {i}", "origin": Origin.MUTATION}
+                for i in range(3)
+            ],
+        )
+        insert_executions(session, [{"candidate_id": i, "verdict": Verdict.OK} for i in ids])
+    executed = select(func.count()).select_from(Execution).where(Execution.candidate_id.in_(ids))
+    assert session.scalar(executed) == 3
 
 
 def test_one_active_training_run_per_kind(session):
