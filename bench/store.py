@@ -5,9 +5,11 @@ and the analysis queries' latency at 1M candidates.
     .venv/bin/python bench/store.py --quick    # 10k inserts, queries at 100k rows
 
 Both databases are private and dropped at the end. The last line is
-`RESULT pg_rows_per_s=X sqlite_rows_per_s=X query_p95_ms=X`."""
+`RESULT pg_rows_per_s=X sqlite_rows_per_s=X query_p95_ms=X`; the line before it
+gives the load average around the inserts, as other work on the machine skews them."""
 
 import argparse
+import os
 import statistics
 import sys
 import tempfile
@@ -145,7 +147,6 @@ def fill_postgres(engine: Engine, rows: int, problems: int, iterations: int) -> 
         )
 
 
-
 def vacuum(engine: Engine) -> None:
     """What autovacuum does to a live table after a bulk load: statistics, and the
     visibility map that lets index-only scans skip the heap."""
@@ -195,6 +196,7 @@ def main() -> None:
             for url in (pg_url, sqlite_url):
                 migrate.upgrade(url)
             engines = {"pg": make_engine(pg_url), "sqlite": make_engine(sqlite_url)}
+            load_before = os.getloadavg()[0]
             for label, engine in engines.items():
                 problem_ids = seed_problems(engine, 164)
                 rates[label] = bulk_insert(engine, problem_ids, insert_rows)
@@ -202,6 +204,7 @@ def main() -> None:
                     f"{label}: {insert_rows} candidates + executions at {rates[label]:,.0f} rows/s"
                 )
             engines["sqlite"].dispose()
+            load_after = os.getloadavg()[0]
 
         fill_start = time.perf_counter()
         fill_postgres(engines["pg"], query_rows, problems=1000, iterations=10)
@@ -217,6 +220,9 @@ def main() -> None:
         with psycopg.connect(ADMIN_DSN, autocommit=True) as admin:
             admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
     worst = max(p95(values) for values in timings.values())
+    print(
+        f"load average (1 min) on {os.cpu_count()} CPUs: {load_before:.2f} before the inserts, {load_after:.2f} after"
+    )
     print(
         f"RESULT pg_rows_per_s={rates['pg']:.0f} sqlite_rows_per_s={rates['sqlite']:.0f} query_p95_ms={worst:.1f}"
     )
