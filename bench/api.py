@@ -10,7 +10,15 @@ seconds) and dropped at the end. The API runs as its own uvicorn process, as
 `rewardranker api` runs it, so its memory is measured apart from the client's.
 The last line is `RESULT candidates_p95_ms=X export_rows_per_s=X export_peak_mb=X`
 (export_peak_mb: the server's peak resident memory during the export, minus its
-resident memory before it)."""
+resident memory before it).
+
+To compare with another commit on a machine whose load drifts, serve that
+commit's API from the same store and alternate requests between the two:
+
+    git worktree add /tmp/api-old <commit>
+    .venv/bin/python bench/api.py --baseline /tmp/api-old
+
+A `BASELINE ...` line, with the same fields, then comes before the RESULT line."""
 
 import argparse
 import os
@@ -88,9 +96,17 @@ def memory_kb(pid: int, field: str) -> int:
     raise KeyError(field)
 
 
-def serve(url: str, port: int) -> subprocess.Popen:
-    env = {**os.environ, "RR_DATABASE_URL": url, "RR_API_TOKEN": ""}
-    env.pop("RR_API_TOKEN")
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time a process has used: unlike latency, it does not
+    grow when other processes compete for the CPUs."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def serve(url: str, port: int, root: Path) -> subprocess.Popen:
+    """The API of the checkout at `root`, as its own uvicorn process."""
+    env = {**os.environ, "RR_DATABASE_URL": url, "PYTHONPATH": str(root)}
+    env.pop("RR_API_TOKEN", None)
     server = subprocess.Popen(
         [
             sys.executable,
@@ -105,7 +121,7 @@ def serve(url: str, port: int) -> subprocess.Popen:
             "--log-level",
             "warning",
         ],
-        cwd=ROOT,
+        cwd=root,
         env=env,
     )
     deadline = time.monotonic() + 60
@@ -120,7 +136,7 @@ def serve(url: str, port: int) -> subprocess.Popen:
             time.sleep(0.3)
 
 
-def request_mix(client: httpx.Client, candidates: int) -> dict[str, dict]:
+def request_mix(client: httpx.Client) -> dict[str, dict]:
     """The filters people use most, each as a page of 100."""
     cursor = client.get("/candidates", params={"sort": "-score", "limit": PAGE}).json()[
         "next_cursor"
@@ -139,24 +155,35 @@ def request_mix(client: httpx.Client, candidates: int) -> dict[str, dict]:
     }
 
 
-def measure_latency(client: httpx.Client, candidates: int, rounds: int) -> list[float]:
-    mix = request_mix(client, candidates)
-    for params in mix.values():  # warm the caches once
-        client.get("/candidates", params={**params, "limit": PAGE}).raise_for_status()
-    timings: dict[str, list[float]] = {name: [] for name in mix}
-    for _ in range(rounds):
+def measure_latency(clients: dict[str, httpx.Client], rounds: int) -> dict[str, list[float]]:
+    """Latencies per server; with several, each request goes to each in turn,
+    the order alternating by round."""
+    mix = request_mix(next(iter(clients.values())))
+    for client in clients.values():
+        for params in mix.values():  # warm the caches once
+            client.get("/candidates", params={**params, "limit": PAGE}).raise_for_status()
+    timings = {(server, name): [] for server in clients for name in mix}
+    for round_ in range(rounds):
+        order = list(clients.items())[:: -1 if round_ % 2 else 1]
         for name, params in mix.items():
-            start = time.perf_counter()
-            response = client.get("/candidates", params={**params, "limit": PAGE})
-            timings[name].append((time.perf_counter() - start) * 1000)
-            response.raise_for_status()
-            assert len(response.json()["items"]) == PAGE, name
-    for name, values in timings.items():
+            for server, client in order:
+                start = time.perf_counter()
+                response = client.get("/candidates", params={**params, "limit": PAGE})
+                timings[server, name].append((time.perf_counter() - start) * 1000)
+                response.raise_for_status()
+                assert len(response.json()["items"]) == PAGE, name
+    for name in mix:
         print(
-            f"  {name:24s} p50 {statistics.median(values):7.1f} ms   "
-            f"p95 {percentile(values, 95):7.1f} ms"
+            f"  {name:24s}"
+            + "".join(
+                f"  {server} p50 {statistics.median(timings[server, name]):6.1f} ms "
+                f"p95 {percentile(timings[server, name], 95):6.1f} ms"
+                for server in clients
+            )
         )
-    return [value for values in timings.values() for value in values]
+    return {
+        server: [value for name in mix for value in timings[server, name]] for server in clients
+    }
 
 
 def percentile(values: list[float], q: int) -> float:
@@ -185,6 +212,11 @@ def main() -> None:
     )
     parser.add_argument("--candidates", type=int, default=None)
     parser.add_argument("--rounds", type=int, default=None, help="requests per filter")
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        help="a checkout of another commit, served alongside this one and measured in turn",
+    )
     args = parser.parse_args()
     candidates = args.candidates or (50_000 if args.quick else 1_000_000)
     rounds = args.rounds or (3 if args.quick else 20)
@@ -195,7 +227,9 @@ def main() -> None:
     url = f"postgresql+psycopg://{params['user']}@{params['host']}:{params['port']}/{name}"
     with psycopg.connect(ADMIN_DSN, autocommit=True) as admin:
         admin.execute(f'CREATE DATABASE "{name}"')
-    server = None
+    roots = {"this": ROOT} | ({"baseline": args.baseline.resolve()} if args.baseline else {})
+    servers: dict[str, subprocess.Popen] = {}
+    clients: dict[str, httpx.Client] = {}
     try:
         migrate.upgrade(url)
         start = time.perf_counter()
@@ -204,25 +238,39 @@ def main() -> None:
             f"loaded {candidates:,} candidates (+ executions, scores, labels) "
             f"in {time.perf_counter() - start:.1f}s"
         )
-        port = free_port()
-        server = serve(url, port)
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
-            print(f"GET /candidates, page of {PAGE}, {rounds} requests per filter:")
-            latencies = measure_latency(client, candidates, rounds)
-            p50, p95 = statistics.median(latencies), percentile(latencies, 95)
-            print(f"all filters: p50 {p50:.1f} ms, p95 {p95:.1f} ms over {len(latencies)} requests")
-            rows, elapsed, peak_mb = measure_export(client, server.pid)
-        assert rows == candidates, (rows, candidates)
-        print(
-            f"CSV export: {rows:,} rows in {elapsed:.1f}s = {rows / elapsed:,.0f} rows/s, "
-            f"server peak memory +{peak_mb:.1f} MB"
-        )
-        print(
-            f"RESULT candidates_p95_ms={p95:.1f} export_rows_per_s={rows / elapsed:.0f} "
-            f"export_peak_mb={peak_mb:.1f}"
-        )
+        for server, root in roots.items():
+            port = free_port()
+            servers[server] = serve(url, port, root)
+            clients[server] = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30)
+        print(f"GET /candidates, page of {PAGE}, {rounds} requests per filter:")
+        cpu_before = {server: cpu_seconds(process.pid) for server, process in servers.items()}
+        latencies = measure_latency(clients, rounds)
+        results = {}
+        for server, client in clients.items():
+            p50, p95 = statistics.median(latencies[server]), percentile(latencies[server], 95)
+            cpu_ms = (cpu_seconds(servers[server].pid) - cpu_before[server]) * 1000
+            print(
+                f"{server}: all filters: p50 {p50:.1f} ms, p95 {p95:.1f} ms "
+                f"over {len(latencies[server])} requests; "
+                f"server CPU {cpu_ms / len(latencies[server]):.1f} ms per request"
+            )
+            rows, elapsed, peak_mb = measure_export(client, servers[server].pid)
+            assert rows == candidates, (rows, candidates)
+            print(
+                f"{server}: CSV export: {rows:,} rows in {elapsed:.1f}s = "
+                f"{rows / elapsed:,.0f} rows/s, server peak memory +{peak_mb:.1f} MB"
+            )
+            results[server] = (
+                f"candidates_p95_ms={p95:.1f} export_rows_per_s={rows / elapsed:.0f} "
+                f"export_peak_mb={peak_mb:.1f}"
+            )
+        if "baseline" in results:
+            print(f"BASELINE {results['baseline']}")
+        print(f"RESULT {results['this']}")
     finally:
-        if server is not None:
+        for client in clients.values():
+            client.close()
+        for server in servers.values():
             server.terminate()
             server.wait(timeout=30)
         with psycopg.connect(ADMIN_DSN, autocommit=True) as admin:
