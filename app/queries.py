@@ -121,6 +121,13 @@ class CandidateFilter:
     max_score: float | None = None
     sort: CandidateSort = "-time"
 
+    @property
+    def needs_score(self) -> bool:
+        """Whether only scored candidates are listed."""
+        return (
+            self.sort.endswith("score") or self.min_score is not None or self.max_score is not None
+        )
+
 
 def encode_cursor(sort: str, key: Any, candidate_id: int) -> str:
     """An opaque cursor: the sort and the last row's key, so the next page starts after it."""
@@ -176,9 +183,6 @@ def candidate_select(
     score_join = and_(
         Score.candidate_id == Candidate.id, Score.reward_model_version_id == rm_version
     )
-    needs_score = (
-        flt.sort.endswith("score") or flt.min_score is not None or flt.max_score is not None
-    )
     columns = [
         Candidate.id,
         Candidate.problem_id,
@@ -206,7 +210,7 @@ def candidate_select(
         if flt.verdict is not None
         else query.outerjoin(Execution, Execution.candidate_id == Candidate.id)
     )
-    query = query.join(Score, score_join) if needs_score else query.outerjoin(Score, score_join)
+    query = query.join(Score, score_join) if flt.needs_score else query.outerjoin(Score, score_join)
 
     if flt.problem_id is not None:
         query = query.where(Candidate.problem_id == flt.problem_id)
@@ -240,21 +244,31 @@ def candidate_select(
     return query, rm_version
 
 
-def _after_cursor(query: Select, sort: str, cursor: str) -> Select:
+def _after_cursor(query: Select, flt: CandidateFilter, cursor: str) -> Select:
+    sort = flt.sort
     key, last_id = decode_cursor(cursor, sort)
-    if sort == "time":
-        return query.where(Candidate.id > last_id)
-    if sort == "-time":
-        return query.where(Candidate.id < last_id)
+    # Each bound below that repeats another (through a join, or as part of a
+    # row comparison) lets an index scan start at the cursor: without them,
+    # PostgreSQL reads every row of the pages before it. Only inner-joined
+    # tables get one, as a WHERE on an outer-joined table would drop rows.
+    if sort in ("time", "-time"):
+        ids = [Candidate.id]
+        if flt.verdict is not None:
+            ids.append(Execution.candidate_id)
+        if flt.needs_score:
+            ids.append(Score.candidate_id)
+        return query.where(*(i > last_id if sort == "time" else i < last_id for i in ids))
     if sort == "score":
-        return query.where(tuple_(Score.score, Candidate.id) > tuple_(key, last_id))
-    return query.where(tuple_(Score.score, Candidate.id) < tuple_(key, last_id))
+        return query.where(
+            Score.score >= key, tuple_(Score.score, Candidate.id) > tuple_(key, last_id)
+        )
+    return query.where(Score.score <= key, tuple_(Score.score, Candidate.id) < tuple_(key, last_id))
 
 
 def _with_labels(session: Session, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Set `hard_negative` on a page or chunk of rows with one indexed lookup.
+    """Set `hard_negative` on a chunk of an export with one indexed lookup.
     As a correlated EXISTS in the listing, PostgreSQL hashes the whole label
-    table for every page instead."""
+    table instead."""
     ids = [row["id"] for row in rows]
     labelled = (
         set(
@@ -293,10 +307,20 @@ def list_candidates(
     """One page of candidates; `next_cursor` is None on the last page."""
     query, rm_version = candidate_select(session, flt)
     if cursor:
-        query = _after_cursor(query, flt.sort, cursor)
-    rows = _with_labels(
-        session, [_row_dict(row) for row in session.execute(query.limit(limit + 1))]
+        query = _after_cursor(query, flt, cursor)
+    # The hard-negative flag is one index probe per row of the page, in the
+    # same statement: PostgreSQL evaluates an expensive output column after
+    # the sort and limit. As an EXISTS it might hash the whole label table
+    # instead; a scalar subquery it can only probe.
+    labelled = (
+        select(HardNegativeLabel.id)
+        .where(HardNegativeLabel.candidate_id == Candidate.id)
+        .limit(1)
+        .scalar_subquery()
+        .is_not(None)
     )
+    query = query.add_columns(labelled.label("hard_negative")).limit(limit + 1)
+    rows = [_row_dict(row) for row in session.execute(query)]
     next_cursor = None
     if len(rows) > limit:
         rows = rows[:limit]
@@ -319,7 +343,7 @@ def iter_candidates(
     memory stays bounded by one chunk however many rows match."""
     query, _ = candidate_select(session, flt, with_code=with_code)
     if cursor:
-        query = _after_cursor(query, flt.sort, cursor)
+        query = _after_cursor(query, flt, cursor)
     result = session.execute(query.execution_options(stream_results=True, yield_per=chunk_size))
     for partition in result.partitions():
         yield _with_labels(session, [_row_dict(row) for row in partition])

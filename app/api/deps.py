@@ -1,10 +1,11 @@
 """Request-scoped sessions: the transaction is committed at the edge."""
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Annotated
 
 from fastapi import Depends
 from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
 
 from app.db import get_sessionmaker, session_scope
 
@@ -17,15 +18,15 @@ def write_session() -> Iterator[Session]:
         yield session
 
 
-def stream_session() -> Iterator[Session]:
-    """A read-only session that lives until a streamed response has been sent
-    (FastAPI's "request" scope), then is rolled back."""
+async def stream_session() -> AsyncIterator[Session]:
+    """A read-only session that lives until the response has been sent
+    (FastAPI's "request" scope), then is rolled back. A session connects at its
+    first query, so opening one needs no worker thread; closing it does I/O."""
     session = get_sessionmaker()()
     try:
         yield session
     finally:
-        session.rollback()
-        session.close()
+        await run_in_threadpool(session.close)
 
 
 DbSession = Annotated[Session, Depends(write_session, scope="function")]

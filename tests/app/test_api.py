@@ -300,6 +300,19 @@ def test_candidates_sorted_by_time(client, seeded):
     assert oldest_first == sorted(newest_first)
 
 
+@pytest.mark.parametrize("sort", ["time", "-time", "score", "-score"])
+def test_filtered_listings_page_through_every_row_once(client, seeded, sort):
+    # A cursor also bounds the executions and scores that a filter joins.
+    for params in (
+        {"verdict": "OK"},
+        {"min_score": 0.0},
+        {"verdict": "WRONG_ANSWER", "max_score": 0.25},
+    ):
+        whole = [item["id"] for item in all_pages(client, sort=sort, **params)]
+        paged = [item["id"] for item in all_pages(client, sort=sort, limit=2, **params)]
+        assert whole and paged == whole and len(set(paged)) == len(paged), params
+
+
 def test_candidate_row_shows_verdict_score_and_label(client, seeded):
     [row] = client.get("/candidates", params={"hard_negative": True}).json()["items"]
     assert row["verdict"] == "WRONG_ANSWER" and row["hard_negative"] is True
