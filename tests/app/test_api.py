@@ -1,180 +1,19 @@
 """HTTP API against the real PostgreSQL; every test runs in a transaction that is rolled back."""
 
 import io
-import threading
-from collections.abc import Iterator
-from dataclasses import dataclass
 
 import pyarrow.parquet as pq
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.orm import Session
 
 from app.api import create_app
-from app.api.deps import stream_session, write_session
 from app.settings import Settings
-from models import DatasetVersion, HardNegativeLabel, Iteration, Score, TrainingRun
-from models.enums import Language, ModelKind, Origin, RunKind, RunStatus, Verdict
-from tests.factories import make_candidate, make_model_version, make_problem
+from models import TrainingRun
+from models.enums import RunKind, RunStatus
 
-
-@dataclass
-class Seeded:
-    python_problem: int
-    cpp_problem: int
-    generator: int
-    old_reward: int
-    reward: int
-    passing: list[int]
-    failing: list[int]
-    hard_negative: int
-    cpp_candidate: int
-
-
-def seed_store(session: Session) -> Seeded:
-    """Two iterations of a small flywheel: a generator, two reward models, scored
-    and executed candidates, one hard negative and a dataset version."""
-    generator = make_model_version(session, kind=ModelKind.GENERATOR, name="gen-v1")
-    old_reward = make_model_version(session, name="rm-v1")
-    old_reward.metrics = {"pairwise_accuracy": 0.61}
-    reward = make_model_version(session, name="rm-v2")
-    reward.metrics = {"pairwise_accuracy": 0.74}
-    first = Iteration(
-        number=1,
-        generator_version_id=generator.id,
-        reward_model_version_id=old_reward.id,
-        metrics={
-            "random_pass1": 0.3,
-            "reranked_pass1": 0.5,
-            "oracle_pass_n": 0.8,
-            "pass_at_k": {"1": 0.3},
-            "reward_pairwise_accuracy": 0.61,
-        },
-    )
-    # The shape the flywheel stores: one `rerank_metrics` dict per language.
-    evaluation = {
-        "python": {
-            "problems": 3,
-            "random_pass1": 0.5,
-            "reranked_pass1": 0.7,
-            "oracle_pass_n": 1.0,
-            "pass@1": 0.5,
-        },
-        "cpp": {
-            "problems": 1,
-            "random_pass1": 0.1,
-            "reranked_pass1": 0.3,
-            "oracle_pass_n": 0.4,
-            "pass@1": 0.1,
-        },
-    }
-    second = Iteration(
-        number=2,
-        generator_version_id=generator.id,
-        reward_model_version_id=reward.id,
-        metrics={"evaluation": evaluation},
-    )
-    session.add_all([first, second])
-    session.flush()
-    session.add(DatasetVersion(iteration_id=first.id, dvc_tag="iter-1", path="datasets/iter-1"))
-    python_problem = make_problem(session, task_id="api/add")
-    cpp_problem = make_problem(
-        session,
-        task_id="api/cpp",
-        language=Language.CPP,
-        prompt="int add(int a, int b)",
-        tests="int main(){}",
-    )
-    passing, failing = [], []
-    for i in range(6):
-        candidate = make_candidate(
-            session,
-            problem=python_problem,
-            iteration_id=first.id,
-            verdict=Verdict.OK,
-            code=f"def add(a, b):\n    return a + b  # ok {i}\n",
-        )
-        candidate.generator_version_id = generator.id
-        passing.append(candidate.id)
-        session.add(
-            Score(candidate_id=candidate.id, reward_model_version_id=reward.id, score=0.5 + i / 10)
-        )
-    for i in range(4):
-        candidate = make_candidate(
-            session,
-            problem=python_problem,
-            iteration_id=second.id,
-            verdict=Verdict.WRONG_ANSWER,
-            code=f"def add(a, b):\n    return a - {i}\n",
-        )
-        failing.append(candidate.id)
-        session.add(
-            Score(candidate_id=candidate.id, reward_model_version_id=reward.id, score=i / 10)
-        )
-        session.add(
-            Score(candidate_id=candidate.id, reward_model_version_id=old_reward.id, score=0.9)
-        )
-    hard_negative = failing[-1]
-    session.add(
-        HardNegativeLabel(
-            candidate_id=hard_negative,
-            reward_model_version_id=old_reward.id,
-            iteration_id=first.id,
-            rule="above_lowest_passing",
-        )
-    )
-    cpp = make_candidate(
-        session,
-        problem=cpp_problem,
-        origin=Origin.MUTATION,
-        code="int add(int a, int b) { return a + b; }",
-    )
-    session.flush()
-    return Seeded(
-        python_problem.id,
-        cpp_problem.id,
-        generator.id,
-        old_reward.id,
-        reward.id,
-        passing,
-        failing,
-        hard_negative,
-        cpp.id,
-    )
-
-
-def serve_session(app, session: Session) -> None:
-    """Route the app's sessions to the test's rolled-back transaction. A lock
-    serialises requests, since one Session must not serve two threads at once.
-    Nothing commits, so enqueue-after-commit hooks stay pending and inspectable."""
-    lock = threading.Lock()
-
-    def override() -> Iterator[Session]:
-        with lock:
-            try:
-                yield session
-            except SQLAlchemyError:
-                # Like the real dependency, leave no failed transaction behind; only
-                # on database errors, so a 404 keeps the test's seeded rows.
-                session.rollback()
-                raise
-
-    app.dependency_overrides[write_session] = override
-    app.dependency_overrides[stream_session] = override
-
-
-@pytest.fixture
-def client(pg_session: Session) -> Iterator[TestClient]:
-    app = create_app(Settings(api_token=None))
-    serve_session(app, pg_session)
-    with TestClient(app, raise_server_exceptions=False) as test_client:
-        yield test_client
-
-
-@pytest.fixture
-def seeded(pg_session: Session) -> Seeded:
-    return seed_store(pg_session)
+# Seeded and seed_store live in conftest.py; they are imported here until
+# test_dashboard.py, test_query_cli.py and test_report.py import them from there.
+from tests.app.conftest import Seeded, seed_store, serve_session  # noqa: F401
 
 
 def all_pages(client: TestClient, **params) -> list[dict]:

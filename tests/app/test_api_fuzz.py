@@ -13,7 +13,7 @@ from app.api import create_app
 from app.settings import Settings
 from models import ModelVersion
 from models.enums import ModelStatus
-from tests.app.test_api import seed_store, serve_session
+from tests.app.conftest import seed_store, serve_session
 
 # The schema is read once at import; each test routes the app's sessions to its
 # own rolled-back transaction (schemathesis' fixture-based loader does not work

@@ -8,7 +8,7 @@ from app.api import create_app
 from app.settings import Settings
 from models import Candidate, ModelVersion, Problem, Score
 from models.enums import ModelKind, Origin
-from tests.app.test_api import serve_session
+from tests.app.conftest import serve_session
 
 
 def test_solve_returns_the_best_scored_sample_and_stores_every_sample(pg_session, tiny_model_dir):
