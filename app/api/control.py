@@ -12,7 +12,7 @@ from sqlalchemy import select, text
 from sqlalchemy.orm import Session
 
 from app import queries
-from app.api.deps import DbSession
+from app.api.deps import DbSession, Transactions
 from app.api.schemas import HealthOut, SolveIn, SolveOut, TrainingRunIn, TrainingRunOut
 from app.problem_import import upsert_problems
 from app.settings import get_settings
@@ -77,21 +77,27 @@ def get_training_run(session: DbSession, run_id: Annotated[int, Path(ge=1, le=2*
         503: {"description": "The current models cannot be loaded on this machine."},
     },
 )
-def post_solve(session: DbSession, body: SolveIn, request: Request) -> dict[str, Any]:
+def post_solve(transactions: Transactions, body: SolveIn, request: Request) -> dict[str, Any]:
     """Best-of-N: sample `n` programs with the current generator, return the one the
     current reward model ranks first. Every sample is stored with origin `request`."""
     from pipelines.evaluation import solve
     from pipelines.generation import PromptSpec
     from pipelines.loading import ModelNotFoundError
 
-    reward_version = queries.current_model_version(session, ModelKind.REWARD)
-    if reward_version is None:
-        raise HTTPException(
-            409,
-            "no reward model is registered yet: "
-            'train one with POST /training-runs {"kind": "reward"}',
-        )
-    generator_version = queries.current_model_version(session, ModelKind.GENERATOR)
+    # 1. Read the current models and store the request's problem, and commit:
+    # no transaction (nor the locks of its writes) stays open while generating.
+    with transactions() as session:
+        reward_version = queries.current_model_version(session, ModelKind.REWARD)
+        if reward_version is None:
+            raise HTTPException(
+                409,
+                "no reward model is registered yet: "
+                'train one with POST /training-runs {"kind": "reward"}',
+            )
+        generator_version = queries.current_model_version(session, ModelKind.GENERATOR)
+        problem_id = _request_problem(session, body)
+
+    # 2. Load the models, generate and score: seconds to minutes, outside any transaction.
     try:
         generator, scorer = _models_for(
             request, generator_version, reward_version, body.max_new_tokens
@@ -100,27 +106,29 @@ def post_solve(session: DbSession, body: SolveIn, request: Request) -> dict[str,
         # The registry points at weights this machine cannot load: not the
         # caller's fault, and not a crash either.
         raise HTTPException(503, f"the current models cannot be loaded: {error}") from None
-
-    problem_id = _request_problem(session, body)
     prompt = PromptSpec(problem_id=problem_id, language=str(body.language), prompt=body.prompt)
     solution = solve(prompt, body.n, generator, scorer, tests=body.tests)
 
+    # 3. Store the samples and their scores in a second, short transaction. A
+    # program already stored for the problem keeps its row and score, so running
+    # this again (a retried request) stores nothing twice.
     generator_version_id = None if generator_version is None else generator_version.id
-    ids = insert_candidates(
-        session,
-        [
-            {
-                "problem_id": problem_id,
-                "code": sample.code,
-                "origin": Origin.REQUEST,
-                "generator_version_id": generator_version_id,
-                "num_tokens": sample.num_tokens,
-            }
-            for sample in solution.samples
-        ],
-    )
-    scores = dict(zip(ids, solution.scores, strict=True))  # duplicate programs share one row
-    _store_scores(session, scores, reward_version.id)
+    with transactions() as session:
+        ids = insert_candidates(
+            session,
+            [
+                {
+                    "problem_id": problem_id,
+                    "code": sample.code,
+                    "origin": Origin.REQUEST,
+                    "generator_version_id": generator_version_id,
+                    "num_tokens": sample.num_tokens,
+                }
+                for sample in solution.samples
+            ],
+        )
+        scores = dict(zip(ids, solution.scores, strict=True))  # duplicate programs share one row
+        _store_scores(session, scores, reward_version.id)
     best_id = ids[next(i for i, s in enumerate(solution.samples) if s.code == solution.best.code)]
     return {
         "candidate_id": best_id,

@@ -1,6 +1,7 @@
 """Request-scoped sessions: the transaction is committed at the edge."""
 
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import AbstractContextManager
 from typing import Annotated
 
 from fastapi import Depends
@@ -29,5 +30,13 @@ async def stream_session() -> AsyncIterator[Session]:
         await run_in_threadpool(session.close)
 
 
+def transactions() -> Callable[[], AbstractContextManager[Session]]:
+    """For an endpoint that must not hold one transaction for the whole request
+    (POST /solve generates for minutes): it opens short ones, each committed
+    when its block ends."""
+    return session_scope
+
+
 DbSession = Annotated[Session, Depends(write_session, scope="function")]
 StreamSession = Annotated[Session, Depends(stream_session, scope="request")]
+Transactions = Annotated[Callable[[], AbstractContextManager[Session]], Depends(transactions)]

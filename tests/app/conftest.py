@@ -12,7 +12,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from app.api import create_app
-from app.api.deps import stream_session, write_session
+from app.api.deps import stream_session, transactions, write_session
 from app.settings import Settings
 from models import DatasetVersion, HardNegativeLabel, Iteration, Score
 from models.enums import Language, ModelKind, Origin, Verdict
@@ -167,6 +167,7 @@ def serve_session(app, session: Session) -> None:
 
     app.dependency_overrides[write_session] = override
     app.dependency_overrides[stream_session] = override
+    app.dependency_overrides[transactions] = lambda: shared
 
 
 @pytest.fixture
