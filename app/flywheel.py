@@ -188,7 +188,9 @@ def _batches(iteration: Iteration, problem_ids: list[int]) -> list[list[int]]:
 # --- 2. generate, execute, label -------------------------------------------------
 
 
-@lru_cache(maxsize=2)
+# One at a time: a new policy version replaces the last, and a vLLM engine holds
+# its share of the GPU until it is dropped.
+@lru_cache(maxsize=1)
 def _generator(
     backend: str, model: str, seed: int, max_new_tokens: int, prompt_style: str = "auto"
 ):

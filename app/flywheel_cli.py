@@ -3,6 +3,7 @@
 import json
 import time
 from datetime import datetime, timedelta
+from importlib.util import find_spec
 from typing import Annotated, Any
 
 import sqlalchemy.exc
@@ -224,8 +225,14 @@ def _fmt(value: float | None) -> str:
 @flywheel_app.command("run")
 def flywheel_run(
     backend: Annotated[
-        str, typer.Option(help="transformers (the bundled model) or mutation.")
+        str,
+        typer.Option(
+            help="transformers (CPU or GPU), vllm (GPU workers with the gpu extra) or mutation."
+        ),
     ] = "transformers",
+    prompt_style: Annotated[
+        str, typer.Option(help="auto (chat if the model has a template), chat or completion.")
+    ] = "auto",
     # The default fits this project's 2-core CPU machines (the bundled model samples
     # slowly there); raise the sizes for bigger runs.
     problems: Annotated[int, typer.Option(min=1, help="Problems per iteration.")] = 4,
@@ -243,14 +250,26 @@ def flywheel_run(
     ] = True,
 ) -> None:
     """Run the flywheel; re-running resumes an interrupted run (nothing lost or done twice)."""
+    from pipelines.generation import BACKENDS, PROMPT_STYLES
     from workers.processes import start_worker, stop_workers
 
-    if backend not in ("transformers", "mutation"):
-        raise typer.BadParameter("--backend must be transformers or mutation")
+    if backend not in BACKENDS:
+        raise typer.BadParameter(f"--backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
+    if prompt_style not in PROMPT_STYLES:
+        raise typer.BadParameter(
+            f"--prompt-style must be one of {', '.join(PROMPT_STYLES)}, not {prompt_style!r}"
+        )
+    if backend == "vllm" and start_workers and find_spec("vllm") is None:
+        # Workers started here generate here; remote GPU workers bring their own vLLM.
+        raise typer.BadParameter(
+            "--backend vllm needs vLLM in this environment (pip install '.[gpu]' on a GPU "
+            "machine), or --no-start-workers with GPU workers that have it"
+        )
     migrate.upgrade()
     _import_humaneval_if_empty()
     params = FlywheelParams(
         backend=backend,
+        prompt_style=prompt_style,
         candidates=candidates,
         policy_steps=policy_steps,
         max_new_tokens=max_new_tokens,

@@ -122,8 +122,18 @@ class GenerationConfig:
         },
     )
     seed: int = field(default=0, metadata={"help": "Seed for sampling and for mutation order."})
+    gpu_memory_fraction: float = field(
+        default=0.4,
+        metadata={
+            "help": "vllm: share of GPU memory it reserves (weights and KV cache). The GPU "
+            "worker also trains, in the same process, so vLLM must not take the card."
+        },
+    )
 
     def __post_init__(self) -> None:
+        if not 0 < self.gpu_memory_fraction <= 1:
+            fraction = self.gpu_memory_fraction
+            raise ValueError(f"gpu_memory_fraction must be in (0, 1], not {fraction}")
         if self.backend not in BACKENDS:
             raise ValueError(f"unknown generation backend {self.backend!r} (known: {BACKENDS})")
         if self.prompt_style not in PROMPT_STYLES:
@@ -390,7 +400,12 @@ class VLLMGenerator:
         self.chat = uses_chat(config.prompt_style, self.tokenizer)
         source = resolve_model(config.model)
         location = f"{source.location}/{source.gguf_file}" if source.gguf_file else source.location
-        self.llm = vllm.LLM(model=location, tokenizer=source.location, seed=config.seed)
+        self.llm = vllm.LLM(
+            model=location,
+            tokenizer=source.location,
+            seed=config.seed,
+            gpu_memory_utilization=config.gpu_memory_fraction,
+        )
 
     def sampling_params(self, prompt: PromptSpec, n: int) -> Any:
         return self.vllm.SamplingParams(

@@ -235,6 +235,8 @@ def test_vllm_builds_one_request_per_prompt_and_parses_samples(
     assert params[1].stop == list(STOP_SEQUENCES[Language.CPP])
     assert params[0].max_tokens == 64
     assert [len(samples) for samples in results] == [3, 3]
+    # Leaves the card's rest to a training in the same GPU worker.
+    assert generator.llm.kwargs["gpu_memory_utilization"] == config.gpu_memory_fraction < 1
     assert results[0][2] == Sample(PY_PROMPT + "    return a + b", "    return a + b", 5)
     assert results[1][0].code == CPP_PROMPT + "    return a + b;\n# 0"
 
