@@ -119,9 +119,9 @@ def generation_throughput(
         generator.config.max_new_tokens,
         max_new_tokens,
     )
-    # Warm-up at the timed batch shape: a first call pays one-off costs (on a GPU,
-    # kernel selection and allocator growth for the new shape: an H200 run that
-    # warmed up on one row timed the first full batch at a third of later speed).
+    # Warm-up at the timed batch shape: a first call at a new shape pays one-off
+    # costs. On an H200, after a one-row warm-up, the bare pass (timed first) ran at
+    # a third of the backend's rate though both make the same generate call.
     generator.config.batch_size = len(prompts) * n
     backend_generate(generator, prompts, n)
     runs = {
