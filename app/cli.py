@@ -4,11 +4,11 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.table import Table
 from sqlalchemy import func, select
 
 from app import migrate
+from app.console import console, err_console
 from app.dataset_cli import dataset_app
 from app.db import session_scope
 from app.flywheel_cli import flywheel_app, status, train_app, worker
@@ -37,9 +37,6 @@ app.command("iterations")(iterations)
 app.command("models")(models)
 app.command("api")(api)
 app.command("report")(report)
-
-console = Console()
-err_console = Console(stderr=True)
 
 
 @db_app.command("upgrade")

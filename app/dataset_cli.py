@@ -6,18 +6,16 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.table import Table
 from sqlalchemy import select
 
 from app import migrate
+from app.console import console, err_console
 from app.db import session_scope
 from app.settings import get_settings
 from models import DatasetVersion, Iteration
 
 dataset_app = typer.Typer(help="DVC-versioned datasets of the iterations.", no_args_is_help=True)
-console = Console()
-err_console = Console(stderr=True)
 
 
 @dataset_app.command("list")

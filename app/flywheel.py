@@ -86,7 +86,8 @@ class FlywheelParams:
     policy_steps: int = field(
         # One step: on the 2-core default machine each PPO step of the bundled
         # model costs minutes, and two made the default run miss 20 minutes.
-        default=1, metadata={"help": "PPO steps of the policy update; 0 skips the update."}
+        default=1,
+        metadata={"help": "PPO steps of the policy update; 0 skips the update."},
     )
 
     @classmethod

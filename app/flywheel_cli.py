@@ -8,7 +8,6 @@ from typing import Annotated, Any
 
 import sqlalchemy.exc
 import typer
-from rich.console import Console
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -21,6 +20,7 @@ from rich.table import Table
 from sqlalchemy import func, or_, select
 
 from app import migrate
+from app.console import console, err_console
 from app.db import session_scope
 from app.flywheel import (
     FlywheelParams,
@@ -38,8 +38,6 @@ from models.enums import IterationStatus, ModelKind, RunKind, RunStatus
 flywheel_app = typer.Typer(help="The flywheel's main job.", no_args_is_help=True)
 train_app = typer.Typer(help="Enqueue a training onto the `training` queue.", no_args_is_help=True)
 
-console = Console()
-err_console = Console(stderr=True)
 
 STALL_S = 300.0
 """Seconds without any progress after which the driver reconciles (re-enqueues lost

@@ -10,17 +10,15 @@ from typing import Annotated, Any, cast
 
 import typer
 from pydantic import ValidationError
-from rich.console import Console
 from rich.syntax import Syntax
 from rich.table import Table
 
 from app import migrate, queries
+from app.console import console, err_console
 from app.db import session_scope
 from models.enums import Language, ModelKind, Origin, Verdict
 
 candidates_app = typer.Typer(help="Query the candidate store.", no_args_is_help=True)
-console = Console()
-err_console = Console(stderr=True)
 
 
 class OutputFormat(StrEnum):
