@@ -63,6 +63,11 @@ def worker(
     """Run a Celery worker on QUEUES (what the compose file and the main job start)."""
     from workers.celery_app import celery
 
+    # The store, not worker gossip, holds the state: no gossip or mingle. On a
+    # real broker the workers send heartbeats and task events, which Flower and
+    # `celery events` show; nothing watches the embedded broker's workers.
+    embedded = get_settings().celery_broker_url.startswith("filesystem")
+    events = ["--without-heartbeat"] if embedded else ["--task-events"]
     celery.worker_main(
         [
             "worker",
@@ -71,8 +76,7 @@ def worker(
             "--pool", pool,
             "--loglevel", loglevel,
             "--hostname", f"{queues.replace(',', '+')}-%i@%h",
-            # No broadcast chatter: the store, not worker gossip, holds the state.
-            "--without-gossip", "--without-mingle", "--without-heartbeat",
+            "--without-gossip", "--without-mingle", *events,
         ]
     )  # fmt: skip
 

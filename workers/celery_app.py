@@ -64,6 +64,8 @@ def make_celery(settings: Settings) -> Celery:
             "interval_max": 2.0,
         },
         worker_hijack_root_logger=False,
+        # `rewardranker worker` turns task events on where a broker can carry them
+        # (Redis), for Flower; the embedded broker's workers send none.
         worker_send_task_events=False,
     )
     return app
