@@ -10,10 +10,7 @@ from app.api import create_app
 from app.settings import Settings
 from models import TrainingRun
 from models.enums import RunKind, RunStatus
-
-# Seeded and seed_store live in conftest.py; they are imported here until
-# test_dashboard.py, test_query_cli.py and test_report.py import them from there.
-from tests.app.conftest import Seeded, seed_store, serve_session  # noqa: F401
+from tests.app.conftest import serve_session
 
 
 def all_pages(client: TestClient, **params) -> list[dict]:

@@ -14,7 +14,7 @@ from fastapi.testclient import TestClient
 
 from app.api import create_app
 from app.settings import Settings
-from tests.app.test_api import Seeded, seed_store, serve_session
+from tests.app.conftest import Seeded, seed_store, serve_session
 from tests.conftest import unavailable
 
 CHROMIUM = "/usr/bin/chromium"

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from app import db, settings
 from app.cli import app
 from app.db import make_engine
-from tests.app.test_api import Seeded, seed_store
+from tests.app.conftest import Seeded, seed_store
 
 
 @pytest.fixture

@@ -1,7 +1,7 @@
 """The Markdown report and its plots."""
 
 from app.report import PLOTS, plot_png, write_report
-from tests.app.test_api import seed_store
+from tests.app.conftest import seed_store
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
