@@ -10,8 +10,10 @@ from contextlib import contextmanager
 from operator import itemgetter
 from typing import Any
 
+import psycopg
 from sqlalchemy import Insert, Row, Table, select, text, tuple_
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from models.candidate import Candidate, Execution
@@ -187,15 +189,21 @@ def _staged(session: Session, table: Table, rows: list[dict[str, Any]]) -> Itera
             f"SELECT 0 AS ord, {', '.join(names)} FROM {table.name} WITH NO DATA"
         )
     )
-    with session.connection().connection.driver_connection.cursor() as cursor:
-        # Never prepared: the same text has another result type for another table.
-        cursor.execute("SELECT * FROM staged LIMIT 0", prepare=False)
-        types = [column.type_code for column in cursor.description]
-        with cursor.copy("COPY staged FROM STDIN (FORMAT BINARY)") as copy:
-            # Each value is written as its column's type: a StrEnum as its value.
-            copy.set_types(types)
-            for position, row in enumerate(rows):
-                copy.write_row((position, *values(row)))
+    copy_statement = "COPY staged FROM STDIN (FORMAT BINARY)"
+    try:
+        with session.connection().connection.driver_connection.cursor() as cursor:
+            # Never prepared: the same text has another result type for another table.
+            cursor.execute("SELECT * FROM staged LIMIT 0", prepare=False)
+            types = [column.type_code for column in cursor.description]
+            with cursor.copy(copy_statement) as copy:
+                # Each value is written as its column's type: a StrEnum as its value.
+                copy.set_types(types)
+                for position, row in enumerate(rows):
+                    copy.write_row((position, *values(row)))
+    except psycopg.Error as error:
+        # As SQLAlchemy raises what its own statements meet: a value the store
+        # refuses (a NUL character, say) is a DataError the API answers with a 422.
+        raise DBAPIError.instance(copy_statement, None, error, psycopg.Error) from error
     yield names
     session.execute(text("DROP TABLE staged"))
 

@@ -2,7 +2,7 @@ import multiprocessing
 
 import pytest
 from sqlalchemy import func, select
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DataError, IntegrityError
 
 from models import Candidate, Execution, Iteration, Problem, Score, TrainingRun
 from models.enums import Origin, RunKind, RunStatus, Verdict
@@ -125,6 +125,13 @@ def test_insert_executions_copies_the_candidates_iteration(session):
 def test_insert_executions_refuses_an_unknown_candidate(session):
     with pytest.raises(IntegrityError):
         insert_executions(session, [{"candidate_id": 10**12, "verdict": Verdict.OK}])
+
+
+def test_postgres_refuses_a_nul_character_as_a_data_error(pg_session):
+    """As SQLAlchemy raises it: the API answers a DataError with a 422."""
+    row = {"problem_id": make_problem(pg_session).id, "code": "x\x00", "origin": Origin.MUTATION}
+    with pytest.raises(DataError):
+        insert_candidates(pg_session, [row])
 
 
 def test_bulk_inserts_see_rows_pending_in_the_session(session):
