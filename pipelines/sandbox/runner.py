@@ -58,6 +58,7 @@ ZYGOTE_COMPILE_ERROR = 97  # zygote.COMPILE_ERROR_STATUS; zygote.py is not impor
 SIGXCPU = int(signal.SIGXCPU)
 # The zygote, bwrap's init and its own bookkeeping live in the slot's cgroup too.
 ZYGOTE_MEMORY_MB = 48
+ZYGOTE_START_S = 30.0  # until its `ready`; a loaded host takes seconds to start bwrap
 
 
 DEFAULT_LIMITS = Limits()
@@ -195,6 +196,16 @@ class Slot:
             )
         theirs.close()
         self.control = ours
+        # Wait for `ready` before any job is sent: a zygote whose sandbox failed to
+        # start must show as not started, not as a candidate that died mid-run.
+        ours.settimeout(ZYGOTE_START_S)
+        try:
+            ready = ours.recv(16)
+        except OSError:  # a reset, or the timeout
+            ready = b""
+        ours.settimeout(None)
+        if ready != b"ready":
+            self.stop_zygote()
 
     def stop_zygote(self) -> None:
         if self.zygote is not None:
@@ -614,7 +625,8 @@ def _run_in_zygote(slot: Slot, stdin_path: Path | None, token: str, limits: Limi
             if slot.zygote is None or slot.zygote.poll() is not None:
                 slot.stop_zygote()
                 _POOL.start_zygote(slot)
-            assert slot.control is not None
+            if slot.control is None:
+                continue  # it did not start
             try:
                 socket.send_fds(slot.control, [request], [stdin_fd, out_write, err_write])
                 break
@@ -671,7 +683,10 @@ def _pump(
             break
         for fd, _event in poller.poll(remaining * 1000):
             if control is not None and fd == control.fileno():
-                message = control.recv(4096)
+                try:
+                    message = control.recv(4096)
+                except OSError:  # reset by a zygote that died: no reply, as below
+                    message = b""
                 run.reply = json.loads(message) if message else None
                 waiting_reply = False
                 poller.unregister(fd)

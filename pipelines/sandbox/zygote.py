@@ -10,7 +10,8 @@ Usage: zygote.py CONTROL_FD pidns|shared SRC_DIR JOB_DIR [DIR_TO_EMPTY ...].
 `pidns` says the zygote has a pid namespace of its own (under bwrap), so
 everything else in it may be killed after a run; `shared` (insecure mode,
 no bwrap) limits the sweep to the candidate's session.  On the
-control fd (a SOCK_SEQPACKET socket) the runner sends one JSON request
+control fd (a SOCK_SEQPACKET socket) the zygote first says `ready`; then the
+runner sends one JSON request
 `{"token": str, "cpu_s": int}` with three fds (stdin, stdout, stderr) after
 writing the program to SRC_DIR/prog.py; the zygote forks, the child runs the
 program as `__main__` in JOB_DIR with the token as its last argument, and
@@ -59,6 +60,7 @@ def main() -> None:
     control = socket.socket(fileno=int(sys.argv[1]))
     own_pid_namespace = sys.argv[2] == "pidns"
     source, job_dir, work_dirs = f"{sys.argv[3]}/prog.py", sys.argv[4], sys.argv[4:]
+    control.send(b"ready")
     while True:
         try:
             message, fds, _, _ = socket.recv_fds(control, 4096, 3)

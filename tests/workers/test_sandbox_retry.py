@@ -184,13 +184,6 @@ def test_a_sandbox_that_never_starts_is_a_sandbox_error_and_never_labelled(
     assert count(pg_session, HardNegativeLabel, HardNegativeLabel.candidate_id == lost.id) == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=ConnectionResetError,
-    reason="runner._run_in_zygote: a zygote whose bwrap fails to start resets the control "
-    "socket after the job was sent, and _pump's recv raises out of run_batch instead of "
-    "the run being lost (SANDBOX_ERROR)",
-)
 def test_a_python_zygote_that_fails_to_start_is_retried(pg_session, failing_bwrap):
     problem = make_problem(pg_session)  # Python: runs fork a zygote started through bwrap
     iteration = collecting_iteration(pg_session, problem, make_model_version(pg_session))
@@ -200,3 +193,18 @@ def test_a_python_zygote_that_fails_to_start_is_retried(pg_session, failing_bwra
     flywheel.execute_problem(pg_session, iteration.id, problem.id)
 
     assert execution_of(pg_session, candidate.id).verdict == Verdict.OK
+    assert failing_bwrap.starts == 2  # the failed zygote, then the one that ran it
+
+
+def test_a_python_zygote_that_never_starts_is_a_sandbox_error(pg_session, failing_bwrap):
+    problem = make_problem(pg_session)
+    iteration = collecting_iteration(pg_session, problem, make_model_version(pg_session))
+    candidate = make_candidate(pg_session, problem=problem, iteration_id=iteration.id)
+    failing_bwrap.fail_first(1000)
+
+    flywheel.execute_problem(pg_session, iteration.id, problem.id)
+
+    execution = execution_of(pg_session, candidate.id)
+    assert execution.verdict == Verdict.SANDBOX_ERROR  # not blamed on the candidate
+    assert execution.attempts == flywheel.SANDBOX_ATTEMPTS
+    assert "interpreter did not start" in execution.stderr_tail
