@@ -18,6 +18,7 @@ on the iteration row.
 """
 
 import logging
+import shutil
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
@@ -60,6 +61,11 @@ SANDBOX_ATTEMPTS = 3
 """Runs of a candidate that keeps ending in SANDBOX_ERROR before it is recorded as such."""
 MAX_RUN_FAILURES = 3
 """Failed trainings of one kind per iteration before the flywheel stops retrying it."""
+
+
+class RunLost(RuntimeError):
+    """A training finished after reconcile had given its run up (no heartbeat):
+    its result is dropped, since a replacement run may already be training."""
 
 
 class ProblemsWithoutTests(ValueError):
@@ -596,6 +602,12 @@ def train_run(session: Session, run_id: int, progress: Callable[[float], None]) 
         version = _train_reward(session, run, progress)
     else:
         version = _train_policy(session, run, progress)
+    # Still ours? Reconcile fails a run whose heartbeat went stale and may have
+    # queued another: registering this one too would train the stage twice.
+    session.refresh(run, with_for_update=True)
+    if run.status != RunStatus.RUNNING:
+        shutil.rmtree(version.path, ignore_errors=True)  # the caller rolls its row back
+        raise RunLost(f"training run {run_id} was given up ({run.status}) before it finished")
     run.status = RunStatus.SUCCEEDED
     run.progress = 1.0
     run.finished_at = utcnow()
@@ -700,11 +712,15 @@ def fail_run(session: Session, run_id: int, error: str) -> None:
     )
 
 
-def heartbeat(session: Session, run_id: int, fraction: float) -> None:
+def heartbeat(session: Session, run_id: int, fraction: float | None = None) -> None:
+    """Mark a running run alive, and record its progress when given."""
+    values: dict[str, Any] = {"heartbeat_at": utcnow()}
+    if fraction is not None:
+        values["progress"] = max(0.0, min(1.0, float(fraction)))
     session.execute(
         update(TrainingRun)
         .where(TrainingRun.id == run_id, TrainingRun.status == RunStatus.RUNNING)
-        .values(progress=max(0.0, min(1.0, float(fraction))), heartbeat_at=utcnow())
+        .values(**values)
     )
 
 

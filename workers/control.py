@@ -5,8 +5,11 @@ started by the short `training.run` task. The broker message is acknowledged on
 receipt; from then on the row, its heartbeat and its progress are the truth.
 """
 
+import logging
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from sqlalchemy import select
@@ -21,6 +24,7 @@ from workers.after_commit import enqueue_after_commit
 from workers.celery_app import celery
 
 ACTIVE = (RunStatus.QUEUED, RunStatus.RUNNING)
+log = logging.getLogger(__name__)
 
 
 def active_run(session: Session, kind: RunKind) -> TrainingRun | None:
@@ -74,6 +78,35 @@ class Heartbeat:
         self._last = now
         with session_scope() as session:
             heartbeat(session, self.run_id, fraction)
+
+
+KEEP_ALIVE_S = 30.0
+"""How often a training worker marks its run alive, between progress reports too."""
+
+
+@contextmanager
+def keep_alive(run_id: int, every_s: float = KEEP_ALIVE_S) -> Iterator[None]:
+    """Beat the run's heartbeat from a thread while the block runs. Progress comes
+    per training step, and one step can outlast the stale-run limit on a loaded
+    CPU (a PPO step of the bundled model took 13 minutes at load average 25);
+    the heartbeat says the worker lives, not that a step ended."""
+    stop = threading.Event()
+
+    def beat() -> None:
+        while not stop.wait(every_s):
+            try:
+                with session_scope() as session:
+                    heartbeat(session, run_id)
+            except Exception:  # a database blip: the next beat tries again
+                log.warning("heartbeat of training run %s failed", run_id, exc_info=True)
+
+    thread = threading.Thread(target=beat, name=f"keep-alive-run-{run_id}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
 
 
 def follow_run(

@@ -23,7 +23,7 @@ from app import flywheel
 from app.db import session_scope
 from workers.after_commit import enqueue_after_commit
 from workers.celery_app import celery
-from workers.control import Heartbeat
+from workers.control import Heartbeat, keep_alive
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +77,7 @@ def run_training(run_id: int) -> None:
     try:
         with session_scope() as session:
             flywheel.prepare_run(session, run_id)
-        with session_scope() as session:
+        with keep_alive(run_id), session_scope() as session:
             iteration_id = flywheel.train_run(session, run_id, Heartbeat(run_id)).iteration_id
     except Exception:
         # The failed transaction took the model row with it; record why.

@@ -2,12 +2,15 @@
 the real Redis as broker so that the follow-ups they enqueue can be counted."""
 
 import threading
+import time
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
 from sqlalchemy import func, select
 
 from app import db
+from app.db import session_scope
 from app.flywheel import FlywheelParams, ProblemsWithoutTests, open_iteration, reconcile
 from models import (
     Candidate,
@@ -266,3 +269,54 @@ def test_train_command_enqueues_onto_the_training_queue_and_never_runs_inline(
     assert again.stdout.strip() == f"training run {run.id} (reward) already active"
     assert run.status == RunStatus.QUEUED  # nothing trained in the CLI process
     assert queue_length(broker_url, "training") == 1
+
+
+def test_keep_alive_beats_the_heartbeat_between_progress_reports(store, flywheel_env):
+    from app import flywheel
+    from workers.control import keep_alive
+
+    run, _ = enqueue_training(store, RunKind.REWARD)
+    store.commit()
+    assert flywheel.claim_run(store, run.id)
+    store.commit()
+    store.expire_all()
+    claimed_beat = store.get(TrainingRun, run.id).heartbeat_at
+    with keep_alive(run.id, every_s=0.2):
+        time.sleep(1.0)  # a long training step: no progress report
+    store.expire_all()
+    beaten = store.get(TrainingRun, run.id)
+    assert beaten.heartbeat_at > claimed_beat
+    assert beaten.progress == 0.0  # alive, not further along
+
+
+def test_a_training_given_up_by_reconcile_registers_nothing(
+    store, flywheel_env, tiny_model_dir, monkeypatch
+):
+    from app import flywheel
+
+    problem_ids = add_problems(store, 2)
+    for problem_id in problem_ids:
+        problem = store.get(flywheel.Problem, problem_id)
+        make_candidate(
+            store, problem=problem, code=problem.reference_solution + "\n", verdict=Verdict.OK
+        )
+        make_candidate(
+            store, problem=problem, code="def x():\n    pass\n", verdict=Verdict.WRONG_ANSWER
+        )
+    monkeypatch.setattr(flywheel.get_settings(), "reward_model", str(tiny_model_dir))
+    run, _ = enqueue_training(store, RunKind.REWARD)
+    store.commit()
+    assert flywheel.claim_run(store, run.id)
+    # The worker's heartbeat went stale (a step longer than the limit, before
+    # keep_alive): reconcile gives the run up while it is still training.
+    flywheel.reconcile(store, stale_after=timedelta(0))
+    store.commit()
+
+    with pytest.raises(flywheel.RunLost), session_scope() as session:
+        flywheel.train_run(session, run.id, lambda fraction: None)
+
+    store.expire_all()
+    assert store.get(TrainingRun, run.id).status == RunStatus.FAILED
+    assert count(store, ModelVersion, ModelVersion.kind == ModelKind.REWARD) == 0
+    reward_dir = Path(flywheel_env["RR_DATA_DIR"]) / "models" / "reward"
+    assert not reward_dir.exists() or list(reward_dir.iterdir()) == []
