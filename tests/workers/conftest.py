@@ -9,11 +9,12 @@ from pathlib import Path
 
 import pytest
 import redis
+from sqlalchemy import func, select
 
 from app import db
 from app.settings import get_settings
-from models import ModelVersion, Problem
-from models.enums import ModelKind
+from models import Iteration, ModelVersion, Problem
+from models.enums import IterationStatus, ModelKind
 from tests.conftest import fresh_database
 from workers.celery_app import broker_options, celery
 
@@ -118,3 +119,20 @@ def register_reward_model(session, path: Path) -> ModelVersion:
     session.add(version)
     session.flush()
     return version
+
+
+def count(session, model, *where) -> int:
+    return session.scalar(select(func.count()).select_from(model).where(*where))
+
+
+def collecting_iteration(session, problem: Problem, reward: ModelVersion) -> Iteration:
+    """An iteration whose one problem is generated, so executing and labelling can run."""
+    iteration = Iteration(
+        number=1,
+        status=IterationStatus.GENERATING,
+        reward_model_version_id=reward.id,
+        params={"problem_ids": [problem.id], "generated": [problem.id]},
+    )
+    session.add(iteration)
+    session.flush()
+    return iteration

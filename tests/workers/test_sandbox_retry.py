@@ -21,14 +21,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import select
 
 from app import flywheel
-from models import Execution, HardNegativeLabel, Iteration, ModelVersion, Problem, Score
-from models.enums import IterationStatus, Language, Verdict
+from models import Execution, HardNegativeLabel, Problem, Score
+from models.enums import Language, Verdict
 from pipelines.sandbox import isolation, runner
 from tests.factories import make_candidate, make_model_version, make_problem
-from tests.workers.conftest import register_reward_model
+from tests.workers.conftest import collecting_iteration, count, register_reward_model
 
 JS_PROMPT = "function add(a, b) {\n"
 JS_RIGHT = JS_PROMPT + "  return a + b;\n}\n"
@@ -104,36 +104,25 @@ def failing_bwrap() -> Iterator[FailingBwrap]:
         shutil.rmtree(folder)
 
 
-def collecting_iteration(session, problem: Problem, reward: ModelVersion) -> Iteration:
-    iteration = Iteration(
-        number=1,
-        status=IterationStatus.GENERATING,
-        reward_model_version_id=reward.id,
-        params={"problem_ids": [problem.id], "generated": [problem.id]},
-    )
-    session.add(iteration)
-    session.flush()
-    return iteration
-
-
 def execution_of(session, candidate_id: int) -> Execution:
     return session.scalars(select(Execution).where(Execution.candidate_id == candidate_id)).one()
 
 
-def count(session, model, *where) -> int:
-    return session.scalar(select(func.count()).select_from(model).where(*where))
-
-
-def test_a_sandbox_that_fails_its_first_start_gives_the_real_verdict_on_the_second(
-    pg_session, failing_bwrap
-):
-    problem = make_problem(
-        pg_session,
+def js_problem(session) -> Problem:
+    """JavaScript: every run is one bwrap start, with no compile step."""
+    return make_problem(
+        session,
         language=Language.JAVASCRIPT,
         prompt=JS_PROMPT,
         tests=JS_TESTS,
         reference_solution=JS_RIGHT,
     )
+
+
+def test_a_sandbox_that_fails_its_first_start_gives_the_real_verdict_on_the_second(
+    pg_session, failing_bwrap
+):
+    problem = js_problem(pg_session)
     iteration = collecting_iteration(pg_session, problem, make_model_version(pg_session))
     right = make_candidate(pg_session, problem=problem, code=JS_RIGHT, iteration_id=iteration.id)
     wrong = make_candidate(pg_session, problem=problem, code=JS_WRONG, iteration_id=iteration.id)
@@ -151,13 +140,7 @@ def test_a_sandbox_that_fails_its_first_start_gives_the_real_verdict_on_the_seco
 def test_a_sandbox_that_never_starts_is_a_sandbox_error_and_never_labelled(
     pg_session, failing_bwrap, tiny_model_dir
 ):
-    problem = make_problem(
-        pg_session,
-        language=Language.JAVASCRIPT,
-        prompt=JS_PROMPT,
-        tests=JS_TESTS,
-        reference_solution=JS_RIGHT,
-    )
+    problem = js_problem(pg_session)
     reward = register_reward_model(pg_session, tiny_model_dir)
     iteration = collecting_iteration(pg_session, problem, reward)
     # Neighbours judged earlier, so labelling has a real problem to mine.

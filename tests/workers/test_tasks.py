@@ -7,7 +7,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import select
 
 from app import db
 from app.db import session_scope
@@ -23,7 +23,13 @@ from models import (
 )
 from models.enums import IterationStatus, ModelKind, RunKind, RunStatus, Verdict
 from tests.factories import make_candidate, make_problem
-from tests.workers.conftest import add_problems, queue_length, register_reward_model
+from tests.workers.conftest import (
+    add_problems,
+    collecting_iteration,
+    count,
+    queue_length,
+    register_reward_model,
+)
 from workers import tasks
 from workers.after_commit import enqueue_after_commit, pending
 from workers.celery_app import celery
@@ -32,21 +38,18 @@ from workers.control import enqueue_training
 MUTATION = FlywheelParams(backend="mutation", candidates=4, batch_size=2, policy_steps=0)
 
 
-def count(session, model, *where) -> int:
-    return session.scalar(select(func.count()).select_from(model).where(*where))
+def add_pair_problems(store, problems: int = 2) -> None:
+    """HumanEval problems, each with a passing and a failing candidate: pairs to train on."""
+    from app import flywheel
 
-
-def collecting_iteration(session, problem, reward) -> Iteration:
-    """An iteration whose one problem is generated, so labelling can run."""
-    iteration = Iteration(
-        number=1,
-        status=IterationStatus.GENERATING,
-        reward_model_version_id=reward.id,
-        params={"problem_ids": [problem.id], "generated": [problem.id]},
-    )
-    session.add(iteration)
-    session.flush()
-    return iteration
+    for problem_id in add_problems(store, problems):
+        problem = store.get(flywheel.Problem, problem_id)
+        make_candidate(
+            store, problem=problem, code=problem.reference_solution + "\n", verdict=Verdict.OK
+        )
+        make_candidate(
+            store, problem=problem, code="def x():\n    pass\n", verdict=Verdict.WRONG_ANSWER
+        )
 
 
 def test_problem_without_tests_is_refused_with_its_id(session):
@@ -166,15 +169,7 @@ def test_a_crashed_training_registers_nothing_and_can_be_enqueued_again(
 ):
     from app import flywheel
 
-    problem_ids = add_problems(store, 2)
-    for problem_id in problem_ids:  # pairs to train on: a failing and a passing candidate
-        problem = store.get(flywheel.Problem, problem_id)
-        make_candidate(
-            store, problem=problem, code=problem.reference_solution + "\n", verdict=Verdict.OK
-        )
-        make_candidate(
-            store, problem=problem, code="def x():\n    pass\n", verdict=Verdict.WRONG_ANSWER
-        )
+    add_pair_problems(store)
     store.commit()
     broken = tmp_path / "broken-backbone"
     broken.mkdir()
@@ -294,15 +289,7 @@ def test_a_training_given_up_by_reconcile_registers_nothing(
 ):
     from app import flywheel
 
-    problem_ids = add_problems(store, 2)
-    for problem_id in problem_ids:
-        problem = store.get(flywheel.Problem, problem_id)
-        make_candidate(
-            store, problem=problem, code=problem.reference_solution + "\n", verdict=Verdict.OK
-        )
-        make_candidate(
-            store, problem=problem, code="def x():\n    pass\n", verdict=Verdict.WRONG_ANSWER
-        )
+    add_pair_problems(store)
     monkeypatch.setattr(flywheel.get_settings(), "reward_model", str(tiny_model_dir))
     run, _ = enqueue_training(store, RunKind.REWARD)
     store.commit()
