@@ -252,15 +252,13 @@ def flywheel_run(
     ] = True,
 ) -> None:
     """Run the flywheel; re-running resumes an interrupted run (nothing lost or done twice)."""
-    from pipelines.generation import BACKENDS, PROMPT_STYLES
+    from pipelines.generation import GenerationConfig
     from workers.processes import start_worker, stop_workers
 
-    if backend not in BACKENDS:
-        raise typer.BadParameter(f"--backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
-    if prompt_style not in PROMPT_STYLES:
-        raise typer.BadParameter(
-            f"--prompt-style must be one of {', '.join(PROMPT_STYLES)}, not {prompt_style!r}"
-        )
+    try:  # the generation config owns the known backends and prompt styles
+        GenerationConfig(backend=backend, prompt_style=prompt_style)
+    except ValueError as error:
+        raise typer.BadParameter(str(error)) from error
     if backend == "vllm" and start_workers and find_spec("vllm") is None:
         # Workers started here generate here; remote GPU workers bring their own vLLM.
         raise typer.BadParameter(
