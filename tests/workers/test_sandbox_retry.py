@@ -27,6 +27,7 @@ from app import flywheel
 from models import Execution, HardNegativeLabel, Problem, Score
 from models.enums import Language, Verdict
 from pipelines.sandbox import isolation, runner
+from tests.conftest import unavailable
 from tests.factories import make_candidate, make_model_version, make_problem
 from tests.workers.conftest import collecting_iteration, count, register_reward_model
 
@@ -75,10 +76,7 @@ def _reset_sandbox() -> None:
 def failing_bwrap() -> Iterator[FailingBwrap]:
     real = shutil.which("bwrap")
     if real is None or not os.path.exists("/usr/bin/node"):
-        message = "these tests need bwrap and node"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
+        unavailable("these tests need bwrap and node")
     # World-readable, not under pytest's 0700 tmp_path: the sandbox user runs the script.
     folder = Path(tempfile.mkdtemp(prefix="rr-failing-bwrap-"))
     folder.chmod(0o755)
@@ -93,10 +91,7 @@ def failing_bwrap() -> Iterator[FailingBwrap]:
             _reset_sandbox()
             host = isolation.probe_host()
             if not host.isolated:
-                message = f"no working sandbox: {host.bwrap_error}"
-                if os.environ.get("CI") == "true":
-                    pytest.fail(message)
-                pytest.skip(message)
+                unavailable(f"no working sandbox: {host.bwrap_error}")
             assert host.bwrap == str(folder / "bwrap")
             yield FailingBwrap(folder)
     finally:

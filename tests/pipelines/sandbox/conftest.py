@@ -5,7 +5,6 @@ it: `code` is the prompt plus a completion, `tests` is the MultiPL-E test
 program that is appended to it.
 """
 
-import os
 import shutil
 from dataclasses import dataclass
 
@@ -13,8 +12,7 @@ import pytest
 
 from pipelines.sandbox.languages import BUILD, RECIPES
 from pipelines.sandbox.runner import typescript_dir
-
-IN_CI = os.environ.get("CI") == "true"
+from tests.conftest import unavailable
 
 
 @dataclass(frozen=True)
@@ -176,10 +174,7 @@ def require_toolchain(language: str) -> None:
         except FileNotFoundError as error:
             missing.append(str(error))
     if missing:
-        message = f"{language} toolchain missing: {', '.join(missing)}"
-        if IN_CI:
-            pytest.fail(message)
-        pytest.skip(message)
+        unavailable(f"{language} toolchain missing: {', '.join(missing)}")
 
 
 @pytest.fixture(scope="session")
@@ -199,7 +194,4 @@ def isolated_host() -> None:
     if host.cgroup_version is None:
         missing.append("writable cgroups (run the tests as root)")
     if missing:
-        message = "sandbox layers unavailable: " + "; ".join(missing)
-        if IN_CI:
-            pytest.fail(message)
-        pytest.skip(message)
+        unavailable("sandbox layers unavailable: " + "; ".join(missing))
