@@ -12,10 +12,18 @@ from app.console import console, err_console
 from app.dataset_cli import dataset_app
 from app.db import session_scope
 from app.flywheel_cli import flywheel_app, status, train_app, worker
-from app.problem_import import humaneval_rows, read_problem_file, upsert_problems
+from app.problem_import import (
+    SplitLeak,
+    humaneval_rows,
+    read_problem_file,
+    set_split,
+    upsert_problems,
+)
 from app.query_cli import api, candidates_app, iterations, models, report
 from app.sandbox_cli import sandbox_app
+from app.settings import get_settings
 from models import Candidate, Execution, HardNegativeLabel, Iteration, ModelVersion, Problem
+from models.enums import Split
 
 app = typer.Typer(
     help="RewardRanker flywheel: generate, execute, rerank, retrain.", no_args_is_help=True
@@ -65,13 +73,52 @@ def problems_import(
             raise typer.Exit(2)
         rows, errors = read_problem_file(path)
     with session_scope() as session:
-        report = upsert_problems(session, rows)
+        report = upsert_problems(session, rows, eval_fraction=get_settings().eval_fraction)
     console.print(f"imported {report.imported} problems, {report.unchanged} already stored")
     for error in errors:
         err_console.print(f"error: {source}: {error}")
     if errors:
         err_console.print(f"{len(errors)} line(s) rejected")
         raise typer.Exit(1)
+
+
+@problems_app.command("split")
+def problems_split(
+    task_ids: Annotated[
+        list[str] | None, typer.Argument(help="Task ids to move (with --set); none: show.")
+    ] = None,
+    set_to: Annotated[
+        Split | None, typer.Option("--set", help="Move TASK_IDS to this split.")
+    ] = None,
+    source: Annotated[str, typer.Option(help="Source of TASK_IDS.")] = "humaneval",
+) -> None:
+    """Show the train/eval split per source and language, or move problems with --set.
+
+    Holding out a problem that training already sampled is refused: it would leak.
+    """
+    migrate.upgrade()
+    if set_to is not None:
+        if not task_ids:
+            err_console.print("error: --set needs the task ids to move")
+            raise typer.Exit(2)
+        try:
+            with session_scope() as session:
+                changed = set_split(session, source=source, task_ids=task_ids, split=set_to)
+        except (SplitLeak, ValueError) as error:
+            err_console.print(f"error: {error}")
+            raise typer.Exit(1) from None
+        console.print(f"moved {changed} problem(s) to {set_to}")
+        return
+    with session_scope() as session:
+        rows = session.execute(
+            select(Problem.source, Problem.language, Problem.split, func.count())
+            .group_by(Problem.source, Problem.language, Problem.split)
+            .order_by(Problem.source, Problem.language, Problem.split)
+        ).all()
+    table = Table("source", "language", "split", "problems", title="held-out split")
+    for row_source, language, split, count in rows:
+        table.add_row(row_source, str(language), str(split), str(count))
+    console.print(table)
 
 
 @store_app.command("summary")

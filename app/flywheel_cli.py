@@ -302,7 +302,9 @@ def _import_humaneval_if_empty() -> None:
     with session_scope() as session:
         if session.scalar(select(func.count()).select_from(Problem)):
             return
-        report = upsert_problems(session, humaneval_rows())
+        report = upsert_problems(
+            session, humaneval_rows(), eval_fraction=get_settings().eval_fraction
+        )
     console.print(f"imported {report.imported} HumanEval problems")
 
 

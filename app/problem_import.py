@@ -6,10 +6,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from models import Problem
-from models.enums import Language
+from models import Candidate, Problem
+from models.enums import Language, Origin, Split
+from models.problem import split_for
 from models.repository import dialect_insert
 
 # MultiPL-E names languages by file extension.
@@ -111,6 +113,9 @@ def parse_problem_line(record: Any, line: int, default_source: str) -> dict[str,
         raise ProblemFormatError(
             line, "io_cases", 'must be a non-empty list of {"input": str, "output": str}'
         )
+    split = record.get("split")
+    if split is not None and split not in {member.value for member in Split}:
+        raise ProblemFormatError(line, "split", f"must be 'train' or 'eval', got {split!r}")
     tests = record.get("tests") or ""
     if not isinstance(tests, str):
         raise ProblemFormatError(line, "tests", "must be a string")
@@ -125,6 +130,7 @@ def parse_problem_line(record: Any, line: int, default_source: str) -> dict[str,
         "entry_point": text("entry_point", required=False),
         "reference_solution": text("reference_solution", required=False),
         "io_cases": io_cases,
+        "split": None if split is None else Split(split),
     }
 
 
@@ -157,12 +163,24 @@ def read_problem_file(path: Path) -> tuple[list[dict[str, Any]], list[ProblemFor
     return rows, errors
 
 
-def upsert_problems(session: Session, rows: list[dict[str, Any]]) -> ImportReport:
+def upsert_problems(
+    session: Session, rows: list[dict[str, Any]], *, eval_fraction: float
+) -> ImportReport:
     """Insert new problems; a problem already stored under (source, language,
-    task_id) is left as it is, so re-importing a file changes nothing."""
+    task_id) is left as it is, so re-importing a file changes nothing.
+
+    A row without a `split` gets `split_for(source, task_id, eval_fraction)`.
+    """
     report = ImportReport()
     if not rows:
         return report
+    rows = [
+        {
+            **row,
+            "split": row.get("split") or split_for(row["source"], row["task_id"], eval_fraction),
+        }
+        for row in rows
+    ]
     result = session.execute(
         dialect_insert(session, Problem)
         .on_conflict_do_nothing(index_elements=["source", "language", "task_id"])
@@ -172,3 +190,42 @@ def upsert_problems(session: Session, rows: list[dict[str, Any]]) -> ImportRepor
     report.imported = len(result.all())
     report.unchanged = len(rows) - report.imported
     return report
+
+
+class SplitLeak(ValueError):
+    """Moving these problems to `eval` would evaluate on what training has seen."""
+
+
+TRAINING_ORIGINS = (Origin.GENERATOR, Origin.MUTATION)
+
+
+def set_split(session: Session, *, source: str, task_ids: list[str], split: Split) -> int:
+    """Move the named problems of `source` (every language) to `split`; returns how
+    many rows changed. Refuses, changing nothing, to hold out a problem that the
+    flywheel already sampled for training; an unknown task id is an error too."""
+    problems = session.scalars(
+        select(Problem).where(Problem.source == source, Problem.task_id.in_(task_ids))
+    ).all()
+    unknown = sorted(set(task_ids) - {problem.task_id for problem in problems})
+    if unknown:
+        raise ValueError(f"no problem in source {source!r} with task id {', '.join(unknown)}")
+    if split == Split.EVAL:
+        trained = session.scalars(
+            select(Problem.task_id)
+            .distinct()
+            .join(Candidate, Candidate.problem_id == Problem.id)
+            .where(
+                Problem.id.in_([problem.id for problem in problems]),
+                Candidate.origin.in_(TRAINING_ORIGINS),
+            )
+        ).all()
+        if trained:
+            raise SplitLeak(
+                f"refusing to hold out {', '.join(sorted(trained))}: training already sampled "
+                "them, so evaluating on them would measure memory, not skill"
+            )
+    changed = [problem for problem in problems if problem.split != split]
+    for problem in changed:
+        problem.split = split
+    session.flush()
+    return len(changed)

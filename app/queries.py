@@ -27,7 +27,7 @@ from models import (
     Score,
     TrainingRun,
 )
-from models.enums import Language, ModelKind, ModelStatus, Origin, Verdict
+from models.enums import Language, ModelKind, ModelStatus, Origin, Split, Verdict
 
 CandidateSort = Literal["time", "-time", "score", "-score"]
 SORTS: tuple[str, ...] = ("time", "-time", "score", "-score")
@@ -475,6 +475,7 @@ def problem_dict(problem: Problem, *, full: bool = False) -> dict[str, Any]:
         "source": problem.source,
         "task_id": problem.task_id,
         "language": str(problem.language),
+        "split": str(problem.split),
         "entry_point": problem.entry_point,
         "created_at": problem.created_at,
     }
@@ -493,11 +494,14 @@ def list_problems(
     *,
     language: Language | None = None,
     source: str | None = None,
+    split: Split | None = None,
     after_id: int | None = None,
     limit: int = 100,
 ) -> list[dict[str, Any]]:
     """Problems in id order; pass the last id seen as `after_id` for the next page."""
     query = select(Problem).order_by(Problem.id).limit(limit)
+    if split is not None:
+        query = query.where(Problem.split == split)
     if language is not None:
         query = query.where(Problem.language == language)
     if source is not None:

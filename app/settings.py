@@ -36,6 +36,15 @@ class Settings(BaseSettings):
     retrain_threshold: int = Field(
         32, ge=1, description="New hard negatives that trigger one reward-model retraining."
     )
+    eval_fraction: float = Field(
+        0.5,
+        ge=0.0,
+        le=1.0,
+        description="Share of imported problems held out for evaluation (by a stable hash).",
+    )
+    eval_samples: int = Field(
+        8, ge=1, le=256, description="Programs sampled per held-out problem to evaluate."
+    )
     sandbox_insecure: bool = Field(
         False, description="Run candidates without isolation when none works (never in production)."
     )

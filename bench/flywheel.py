@@ -86,7 +86,7 @@ def run(problems: int, candidates: int, data_dir: Path) -> None:
 
     migrate.upgrade()
     with session_scope() as session:
-        upsert_problems(session, humaneval_rows()[:problems])
+        upsert_problems(session, humaneval_rows()[:problems], eval_fraction=0.0)
         # A registered reward model: the warm start is not what is measured.
         session.add(
             ModelVersion(kind=ModelKind.REWARD, name="bench", base_model=str(TINY), path=str(TINY))

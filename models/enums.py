@@ -34,6 +34,14 @@ class Origin(StrEnum):
     MUTATION = "mutation"
     REFERENCE = "reference"
     REQUEST = "request"  # sampled to answer a /solve request
+    EVALUATION = "evaluation"  # sampled to evaluate an iteration; never trained on
+
+
+class Split(StrEnum):
+    """Which side of the held-out line a problem is on: training never sees `eval`."""
+
+    TRAIN = "train"
+    EVAL = "eval"
 
 
 class ModelKind(StrEnum):

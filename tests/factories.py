@@ -5,7 +5,7 @@ import itertools
 from sqlalchemy.orm import Session
 
 from models import Candidate, Execution, ModelVersion, Problem
-from models.enums import Language, ModelKind, Origin, Verdict
+from models.enums import Language, ModelKind, Origin, Split, Verdict
 from models.repository import content_hash
 
 _sequence = itertools.count()
@@ -20,6 +20,7 @@ def make_problem(
     tests: str = "assert add(1, 2) == 3\n",
     reference_solution: str | None = "def add(a, b):\n    return a + b\n",
     source: str = "test",
+    split: Split = Split.TRAIN,
 ) -> Problem:
     problem = Problem(
         source=source,
@@ -29,6 +30,7 @@ def make_problem(
         tests=tests,
         entry_point="add",
         reference_solution=reference_solution,
+        split=split,
     )
     session.add(problem)
     session.flush()

@@ -17,7 +17,7 @@ from app.api.schemas import HealthOut, SolveIn, SolveOut, TrainingRunIn, Trainin
 from app.problem_import import upsert_problems
 from app.settings import get_settings
 from models import Iteration, ModelVersion, Problem, Score, TrainingRun
-from models.enums import ModelKind, Origin
+from models.enums import ModelKind, Origin, Split
 from models.repository import dialect_insert, insert_candidates
 
 router = APIRouter()
@@ -186,8 +186,11 @@ def _request_problem(session: Session, body: SolveIn) -> int:
                 "entry_point": None,
                 "reference_solution": None,
                 "io_cases": None,
+                # A request is not a benchmark problem: nothing evaluates on it.
+                "split": Split.TRAIN,
             }
         ],
+        eval_fraction=0.0,
     )
     return session.scalar(
         select(Problem.id).where(

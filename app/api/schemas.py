@@ -25,6 +25,7 @@ class ProblemOut(BaseModel):
     source: str
     task_id: str
     language: str
+    split: str
     entry_point: str | None
     created_at: datetime
 

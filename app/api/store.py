@@ -20,8 +20,9 @@ from app.api.schemas import (
     Text,
 )
 from app.problem_import import ProblemFormatError, parse_problem_line, upsert_problems
+from app.settings import get_settings
 from models import Problem
-from models.enums import Language, ModelKind, Origin, Verdict
+from models.enums import Language, ModelKind, Origin, Split, Verdict
 
 router = APIRouter()
 
@@ -41,6 +42,7 @@ def get_problems(
     session: DbSession,
     language: Language | None = None,
     source: Annotated[Text | None, Query(max_length=64)] = None,
+    split: Split | None = None,
     after_id: Annotated[
         int | None, Query(ge=0, le=INT32, description="Last id of the previous page.")
     ] = None,
@@ -48,7 +50,7 @@ def get_problems(
 ) -> list[dict[str, Any]]:
     """Problems in id order."""
     return queries.list_problems(
-        session, language=language, source=source, after_id=after_id, limit=limit
+        session, language=language, source=source, split=split, after_id=after_id, limit=limit
     )
 
 
@@ -108,7 +110,7 @@ def post_problems(
             errors.append({"index": number, "field": error.field, "msg": str(error)})
     if errors:
         raise HTTPException(422, errors)
-    report = upsert_problems(session, rows)
+    report = upsert_problems(session, rows, eval_fraction=get_settings().eval_fraction)
     return {"imported": report.imported, "unchanged": report.unchanged}
 
 

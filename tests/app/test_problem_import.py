@@ -9,13 +9,17 @@ from sqlalchemy import func, select
 
 from app.problem_import import (
     ProblemFormatError,
+    SplitLeak,
     humaneval_rows,
     parse_problem_line,
     read_problem_file,
+    set_split,
     upsert_problems,
 )
 from models import Problem
-from models.enums import Language
+from models.enums import Language, Origin, Split
+from models.problem import split_for
+from tests.factories import make_candidate
 
 NATIVE = {
     "task_id": "sum/1",
@@ -108,13 +112,13 @@ def test_file_keeps_good_lines_and_reports_bad_ones(tmp_path, session):
     rows, errors = read_problem_file(path)
     assert [row["task_id"] for row in rows] == ["sum/1", MULTIPLE["name"]]
     assert [(error.line, error.field) for error in errors] == [(2, "<line>"), (3, "language")]
-    assert upsert_problems(session, rows).imported == 2
+    assert upsert_problems(session, rows, eval_fraction=0.5).imported == 2
 
 
 def test_reimport_is_idempotent(session):
     rows = humaneval_rows()[:20]
-    first = upsert_problems(session, rows)
-    again = upsert_problems(session, rows)
+    first = upsert_problems(session, rows, eval_fraction=0.5)
+    again = upsert_problems(session, rows, eval_fraction=0.5)
     assert (first.imported, first.unchanged) == (20, 0)
     assert (again.imported, again.unchanged) == (0, 20)
     assert (
@@ -139,3 +143,73 @@ def test_cli_import_reports_bad_lines_and_keeps_the_rest(tmp_path):
         [*cli, str(tmp_path / "nope.jsonl")], capture_output=True, text=True, env=env, timeout=120
     )
     assert missing.returncode == 2 and "no such file" in missing.stderr
+
+
+def test_split_is_a_stable_hash_that_only_grows_the_held_out_side():
+    rows = humaneval_rows()
+    at = {
+        fraction: {
+            row["task_id"]
+            for row in rows
+            if split_for("humaneval", row["task_id"], fraction) == Split.EVAL
+        }
+        for fraction in (0.0, 0.3, 0.5, 1.0)
+    }
+    assert at[0.0] == set() and len(at[1.0]) == 164
+    assert at[0.3] < at[0.5]
+    assert 60 <= len(at[0.5]) <= 104  # a fair coin over 164 problems, far from either end
+    assert split_for("humaneval", "HumanEval/0", 0.5) == split_for("humaneval", "HumanEval/0", 0.5)
+    with pytest.raises(ValueError, match="eval_fraction"):
+        split_for("humaneval", "HumanEval/0", 1.5)
+
+
+def test_import_assigns_the_split_and_a_line_may_set_it(session):
+    rows = humaneval_rows()[:40] + [parse_problem_line({**NATIVE, "split": "eval"}, 1, "mine")]
+    upsert_problems(session, rows, eval_fraction=0.5)
+    stored = {p.task_id: p.split for p in session.scalars(select(Problem))}
+    assert stored["sum/1"] == Split.EVAL
+    for row in rows[:40]:
+        assert stored[row["task_id"]] == split_for("humaneval", row["task_id"], 0.5)
+    assert set(stored.values()) == {Split.TRAIN, Split.EVAL}
+    with pytest.raises(ProblemFormatError, match="field 'split'"):
+        parse_problem_line({**NATIVE, "split": "test"}, 7, "mine")
+
+
+def test_holding_out_a_problem_training_sampled_is_refused(session):
+    upsert_problems(session, humaneval_rows()[:3], eval_fraction=0.0)
+    used, fresh = session.scalars(select(Problem).order_by(Problem.id).limit(2)).all()
+    make_candidate(session, problem=used, origin=Origin.GENERATOR)
+    with pytest.raises(SplitLeak, match=used.task_id):
+        set_split(
+            session, source="humaneval", task_ids=[used.task_id, fresh.task_id], split=Split.EVAL
+        )
+    assert (used.split, fresh.split) == (Split.TRAIN, Split.TRAIN)  # nothing changed
+    assert set_split(session, source="humaneval", task_ids=[fresh.task_id], split=Split.EVAL) == 1
+    assert fresh.split == Split.EVAL
+    with pytest.raises(ValueError, match="HumanEval/999"):
+        set_split(session, source="humaneval", task_ids=["HumanEval/999"], split=Split.TRAIN)
+
+
+def test_cli_shows_and_changes_the_split(tmp_path):
+    path = _write_jsonl(tmp_path / "p.jsonl", [NATIVE, {**NATIVE, "task_id": "sum/2"}])
+    env = {
+        **os.environ,
+        "RR_DATA_DIR": str(tmp_path / "data"),
+        "RR_DATABASE_URL": "",
+        "RR_EVAL_FRACTION": "0",
+    }
+    cli = [str(Path(sys.executable).with_name("rewardranker")), "problems"]
+
+    def run(*args):
+        return subprocess.run([*cli, *args], capture_output=True, text=True, env=env, timeout=120)
+
+    assert run("import", str(path)).returncode == 0
+    assert "│ p      │ python   │ train │ 2 " in run("split").stdout
+    moved = run("split", "--source", "p", "--set", "eval", "sum/2")
+    assert moved.returncode == 0 and "moved 1 problem(s) to eval" in moved.stdout
+    shown = run("split").stdout
+    assert "│ eval  │ 1 " in shown and "│ train │ 1 " in shown
+    unknown = run("split", "--source", "p", "--set", "eval", "nope")
+    assert (
+        unknown.returncode == 1 and "no problem in source 'p' with task id nope" in unknown.stderr
+    )

@@ -102,7 +102,7 @@ def add_problems(session, count: int) -> list[int]:
     """HumanEval's first `count` problems (real prompts, tests and references)."""
     from app.problem_import import humaneval_rows, upsert_problems
 
-    upsert_problems(session, humaneval_rows()[:count])
+    upsert_problems(session, humaneval_rows()[:count], eval_fraction=0.0)
     session.flush()
     return list(
         session.scalars(
