@@ -9,7 +9,7 @@ the gap from the first to the last.
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 from sqlalchemy import select
@@ -65,6 +65,115 @@ def rerank_metrics(groups: Sequence[Sequence[tuple[float, bool]]]) -> dict[str, 
         if k <= smallest_n:
             metrics[f"pass@{k}"] = float(np.mean([pass_at_k(n, c, k) for n, c in counts]))
     return metrics
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """A figure over problems with its percentile-bootstrap interval."""
+
+    value: float
+    low: float
+    high: float
+
+    def as_dict(self) -> dict[str, float]:
+        return {"value": self.value, "low": self.low, "high": self.high}
+
+    def overlaps(self, other: "Estimate") -> bool:
+        return self.low <= other.high and other.low <= self.high
+
+
+def _pair_counts(group: Sequence[tuple[float, bool]]) -> tuple[float, int]:
+    """(passing-over-failing orderings, pairs) within one problem; ties count half."""
+    passing = np.array([score for score, passed in group if passed], dtype=float)
+    failing = np.array([score for score, passed in group if not passed], dtype=float)
+    if not len(passing) or not len(failing):
+        return 0.0, 0
+    wins = (passing[:, None] > failing[None, :]).sum() + 0.5 * (
+        passing[:, None] == failing[None, :]
+    ).sum()
+    return float(wins), len(passing) * len(failing)
+
+
+def _roc_auc(scores: np.ndarray, labels: np.ndarray) -> float:
+    """Area under the ROC curve of `scores` for `labels` (Mann-Whitney U, ties half);
+    nan when one class is missing."""
+    positives = int(labels.sum())
+    negatives = len(labels) - positives
+    if not positives or not negatives:
+        return float("nan")
+    order = np.argsort(scores, kind="mergesort")
+    ranks = np.empty(len(scores))
+    ranks[order] = np.arange(1, len(scores) + 1)
+    ordered = np.sort(scores)
+    for value in np.unique(ordered[1:][ordered[1:] == ordered[:-1]]):
+        tied = scores == value  # a tie shares the mean of its ranks
+        ranks[tied] = ranks[tied].mean()
+    return float((ranks[labels].sum() - positives * (positives + 1) / 2) / (positives * negatives))
+
+
+def held_out_metrics(
+    groups: Sequence[Sequence[tuple[float, bool]]],
+    *,
+    resamples: int = 1000,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """The evaluation's figures over problems, each with a bootstrap interval.
+
+    Each group is one held-out problem's `(score, passed)` samples (an unscored
+    sample carries `-inf`). Problems are resampled with replacement `resamples`
+    times; every figure is recomputed on each resample, and the interval is the
+    central `confidence` share of those values. Figures: `generator_pass1` (the
+    unbiased pass@1 over the N samples), `reranked_pass1` (best-of-N by the
+    reward model), `oracle_pass_n`, `pass@k`, `gap_closed` (the share of the
+    generator->oracle gap that reranking closes; None when there is no gap),
+    `pairwise_accuracy` (passing over failing sample of the same problem) and
+    `roc_auc` (pooled over every sample); the last two are None when no problem
+    has both a passing and a failing sample.
+    """
+    if not groups or any(not group for group in groups):
+        raise ValueError("held_out_metrics needs at least one problem, each with a sample")
+    counts = [(len(group), sum(passed for _, passed in group)) for group in groups]
+    per_problem = {
+        "generator_pass1": np.array([c / n for n, c in counts]),
+        "reranked_pass1": np.array([_reranked_pass(group) for group in groups]),
+        "oracle_pass_n": np.array([float(c > 0) for _, c in counts]),
+    }
+    smallest_n = min(n for n, _ in counts)
+    for k in PASS_AT_K:
+        if k <= smallest_n:
+            per_problem[f"pass@{k}"] = np.array([pass_at_k(n, c, k) for n, c in counts])
+    wins, pairs = np.array([_pair_counts(group) for group in groups]).T
+    scores = [np.array([score for score, _ in group], dtype=float) for group in groups]
+    labels = [np.array([passed for _, passed in group], dtype=bool) for group in groups]
+
+    def figures(index: np.ndarray) -> dict[str, float]:
+        means = {name: float(values[index].mean()) for name, values in per_problem.items()}
+        gap = means["oracle_pass_n"] - means["generator_pass1"]
+        means["gap_closed"] = (
+            (means["reranked_pass1"] - means["generator_pass1"]) / gap if gap > 0 else np.nan
+        )
+        means["pairwise_accuracy"] = (
+            float(wins[index].sum() / pairs[index].sum()) if pairs[index].sum() else np.nan
+        )
+        means["roc_auc"] = _roc_auc(
+            np.concatenate([scores[i] for i in index]), np.concatenate([labels[i] for i in index])
+        )
+        return means
+
+    point = figures(np.arange(len(groups)))
+    rng = np.random.default_rng(seed)
+    draws = [figures(rng.integers(0, len(groups), len(groups))) for _ in range(resamples)]
+    tail = (1.0 - confidence) / 2 * 100
+    report: dict[str, Any] = {"problems": len(groups), "samples": sum(n for n, _ in counts)}
+    for name, value in point.items():
+        if np.isnan(value):
+            report[name] = None
+            continue
+        values = np.array([draw[name] for draw in draws])
+        low, high = np.nanpercentile(values, [tail, 100 - tail])
+        report[name] = Estimate(value, float(low), float(high))
+    return report
 
 
 class Generator(Protocol):

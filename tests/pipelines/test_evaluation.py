@@ -5,7 +5,13 @@ import pytest
 
 from models import Iteration, Score
 from models.enums import Language, Origin, Verdict
-from pipelines.evaluation import evaluate_iteration, pass_at_k, rerank_metrics
+from pipelines.evaluation import (
+    Estimate,
+    evaluate_iteration,
+    held_out_metrics,
+    pass_at_k,
+    rerank_metrics,
+)
 from tests.conftest import unavailable
 from tests.factories import make_candidate, make_model_version, make_problem
 
@@ -218,3 +224,62 @@ def test_solve_without_samples_is_a_clear_error(absval_solve_parts):
     no_reference = PromptSpec(7, "python", "def f(x):\n")  # mutation needs a reference
     with pytest.raises(ValueError, match="no samples for problem 7"):
         solve(no_reference, 4, generator, scorer)
+
+
+def _groups(*problems):
+    """Problems as lists of (score, passed)."""
+    return [list(problem) for problem in problems]
+
+
+def test_held_out_metrics_agree_with_rerank_metrics_and_bracket_their_values():
+    groups = _groups(
+        [(0.9, True), (0.1, False), (0.2, False), (0.3, False)],
+        [(0.2, True), (0.8, False), (0.1, False), (0.0, True)],
+        [(0.5, False), (0.4, False), (0.3, False), (0.2, False)],
+        [(0.7, True), (0.6, True), (0.5, True), (0.1, False)],
+    )
+    figures = held_out_metrics(groups, resamples=500)
+    plain = rerank_metrics(groups)
+    assert figures["generator_pass1"].value == pytest.approx(plain["random_pass1"])
+    assert figures["reranked_pass1"].value == pytest.approx(plain["reranked_pass1"])
+    assert figures["oracle_pass_n"].value == pytest.approx(plain["oracle_pass_n"])
+    gap = plain["oracle_pass_n"] - plain["random_pass1"]
+    assert figures["gap_closed"].value == pytest.approx(
+        (plain["reranked_pass1"] - plain["random_pass1"]) / gap
+    )
+    # problem 1: 3 of 3 pairs right; problem 2: 1 of 4 (0.2 > 0.1); problem 4: 3 of 3
+    assert figures["pairwise_accuracy"].value == pytest.approx(0.7)
+    for name in ("generator_pass1", "reranked_pass1", "gap_closed", "pairwise_accuracy", "roc_auc"):
+        estimate = figures[name]
+        assert estimate.low <= estimate.value <= estimate.high
+    assert figures["reranked_pass1"].high > figures["reranked_pass1"].low  # 4 problems: wide
+
+
+def test_a_perfect_ranker_closes_the_whole_gap_and_a_constant_one_none():
+    rows = [[(float(passed), passed) for passed in (True, False, False, True)]] * 3 + [
+        [(0.0, False)] * 4
+    ]
+    perfect = held_out_metrics(rows, resamples=200)
+    assert perfect["reranked_pass1"].value == perfect["oracle_pass_n"].value == 0.75
+    assert perfect["gap_closed"].value == 1.0
+    assert perfect["pairwise_accuracy"].value == 1.0 and perfect["roc_auc"].value == 1.0
+    constant = held_out_metrics(
+        [[(0.0, passed) for _, passed in group] for group in rows], resamples=200
+    )
+    assert constant["reranked_pass1"].value == constant["generator_pass1"].value
+    assert constant["gap_closed"].value == 0.0
+    assert constant["pairwise_accuracy"].value == 0.5 and constant["roc_auc"].value == 0.5
+
+
+def test_figures_with_nothing_to_compare_are_none():
+    figures = held_out_metrics([[(1.0, False), (float("-inf"), False)]] * 3, resamples=50)
+    assert figures["gap_closed"] is None
+    assert figures["pairwise_accuracy"] is None and figures["roc_auc"] is None
+    assert figures["generator_pass1"] == Estimate(0.0, 0.0, 0.0)
+    with pytest.raises(ValueError, match="at least one problem"):
+        held_out_metrics([])
+
+
+def test_estimates_overlap_only_when_their_intervals_meet():
+    assert Estimate(0.5, 0.4, 0.6).overlaps(Estimate(0.7, 0.55, 0.8))
+    assert not Estimate(0.5, 0.4, 0.6).overlaps(Estimate(0.7, 0.65, 0.8))
