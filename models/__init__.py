@@ -2,6 +2,7 @@
 
 from models.base import Base
 from models.candidate import Candidate, Execution, HardNegativeLabel, Score
+from models.evaluation import Evaluation, EvaluationSample
 from models.problem import Problem
 from models.training import DatasetVersion, Iteration, ModelVersion, TrainingRun
 
@@ -9,6 +10,8 @@ __all__ = [
     "Base",
     "Candidate",
     "DatasetVersion",
+    "Evaluation",
+    "EvaluationSample",
     "Execution",
     "HardNegativeLabel",
     "Iteration",

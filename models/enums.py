@@ -71,3 +71,8 @@ class IterationStatus(StrEnum):
     GENERATING = "generating"
     TRAINING = "training"
     DONE = "done"
+
+
+class EvaluationStatus(StrEnum):
+    RUNNING = "running"  # sampling, executing and scoring the held-out problems
+    DONE = "done"  # metrics computed

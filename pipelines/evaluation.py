@@ -7,7 +7,7 @@ the gap from the first to the last.
 """
 
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -174,6 +174,78 @@ def held_out_metrics(
         low, high = np.nanpercentile(values, [tail, 100 - tail])
         report[name] = Estimate(value, float(low), float(high))
     return report
+
+
+def evaluation_report(
+    samples: Iterable[tuple[str, int, float, bool]], *, resamples: int = 1000, seed: int = 0
+) -> dict[str, dict[str, Any]]:
+    """`held_out_metrics` per language and over all problems (key `all`), as JSON:
+    each estimate becomes `{"value", "low", "high"}`.
+
+    `samples` are `(language, problem_id, score, passed)`, one per draw.
+    """
+    groups: dict[str, dict[int, list[tuple[float, bool]]]] = defaultdict(lambda: defaultdict(list))
+    for language, problem_id, score, passed in samples:
+        groups[language][problem_id].append((score, passed))
+    if not groups:
+        raise ValueError("evaluation_report needs at least one sample")
+    by_language = {language: list(problems.values()) for language, problems in groups.items()}
+    by_language["all"] = [group for groups in by_language.values() for group in groups]
+    return {
+        language: {
+            name: value.as_dict() if isinstance(value, Estimate) else value
+            for name, value in held_out_metrics(
+                problem_groups, resamples=resamples, seed=seed
+            ).items()
+        }
+        for language, problem_groups in sorted(by_language.items())
+    }
+
+
+TABLE_FIGURES = (("generator", "generator_pass1"), ("reranked", "reranked_pass1"))
+
+
+def paper_table(evaluations: Sequence[tuple[int, dict[str, dict[str, Any]]]]) -> dict[str, Any]:
+    """The paper's Table 1 from stored `evaluation_report`s, in evaluation order.
+
+    Rows are `generator` (pass@1 of one sample) and `reranked` (best-of-N) for
+    each evaluation (0: the base generator with the warm-start reward model;
+    N: the models iteration N left). Columns are the languages and `all`. The
+    verdict compares the last evaluation's reranked pass@1 with the baseline's
+    generator alone over all problems: overlapping 95% intervals mean the
+    change is within noise.
+    """
+    columns = sorted({language for _, report in evaluations for language in report} - {"all"})
+    columns.append("all")
+    rows = [
+        {
+            "evaluation": number,
+            "row": label,
+            "cells": {language: report.get(language, {}).get(figure) for language in columns},
+        }
+        for number, report in evaluations
+        for label, figure in TABLE_FIGURES
+    ]
+    return {"columns": columns, "rows": rows, "verdict": _table_verdict(evaluations)}
+
+
+def _table_verdict(evaluations: Sequence[tuple[int, dict[str, dict[str, Any]]]]) -> str:
+    if not evaluations:
+        return "no evaluation yet"
+    first_number, first = evaluations[0]
+    last_number, last = evaluations[-1]
+    base = Estimate(**first["all"]["generator_pass1"])
+    best = Estimate(**last["all"]["reranked_pass1"])
+    change = (
+        f"reranked pass@1 after evaluation {last_number} {best.value:.3f} "
+        f"[{best.low:.3f}, {best.high:.3f}] against the generator alone at evaluation "
+        f"{first_number} {base.value:.3f} [{base.low:.3f}, {base.high:.3f}], "
+        f"{first['all']['problems']} held-out problems"
+    )
+    if best.overlaps(base):
+        return f"within noise: {change}; the 95% intervals overlap"
+    direction = "better" if best.value > base.value else "worse"
+    return f"{direction}: {change}; the 95% intervals do not overlap"
 
 
 class Generator(Protocol):

@@ -1,3 +1,4 @@
+import json
 import math
 from fractions import Fraction
 
@@ -8,7 +9,9 @@ from models.enums import Language, Origin, Verdict
 from pipelines.evaluation import (
     Estimate,
     evaluate_iteration,
+    evaluation_report,
     held_out_metrics,
+    paper_table,
     pass_at_k,
     rerank_metrics,
 )
@@ -283,3 +286,49 @@ def test_figures_with_nothing_to_compare_are_none():
 def test_estimates_overlap_only_when_their_intervals_meet():
     assert Estimate(0.5, 0.4, 0.6).overlaps(Estimate(0.7, 0.55, 0.8))
     assert not Estimate(0.5, 0.4, 0.6).overlaps(Estimate(0.7, 0.65, 0.8))
+
+
+def test_evaluation_report_splits_by_language_and_pools_all():
+    samples = [
+        ("python", 1, 0.9, True),
+        ("python", 1, 0.1, False),
+        ("python", 2, 0.3, False),
+        ("python", 2, 0.2, False),
+        ("cpp", 3, 0.5, True),
+        ("cpp", 3, 0.7, False),
+    ]
+    report = evaluation_report(samples, resamples=100)
+    assert set(report) == {"all", "cpp", "python"}
+    assert report["python"]["problems"] == 2 and report["all"]["problems"] == 3
+    assert report["python"]["reranked_pass1"]["value"] == 0.5
+    assert report["cpp"]["reranked_pass1"]["value"] == 0.0
+    assert report["all"]["reranked_pass1"]["value"] == pytest.approx(1 / 3)
+    assert report["python"]["gap_closed"]["value"] == 1.0
+    json.dumps(report)  # stored on the evaluation row as it is
+
+
+def test_paper_table_rows_columns_and_verdict():
+    def report(generator, reranked):
+        figure = lambda value, width: {"value": value, "low": value - width, "high": value + width}  # noqa: E731
+        return {
+            language: {
+                "problems": 80,
+                "generator_pass1": figure(generator, 0.05),
+                "reranked_pass1": figure(reranked, 0.05),
+            }
+            for language in ("python", "all")
+        }
+
+    table = paper_table([(0, report(0.10, 0.15)), (1, report(0.12, 0.30))])
+    assert table["columns"] == ["python", "all"]
+    assert [(row["evaluation"], row["row"]) for row in table["rows"]] == [
+        (0, "generator"),
+        (0, "reranked"),
+        (1, "generator"),
+        (1, "reranked"),
+    ]
+    assert table["rows"][3]["cells"]["all"]["value"] == 0.30
+    assert table["verdict"].startswith("better: reranked pass@1 after evaluation 1 0.300")
+    close = paper_table([(0, report(0.10, 0.12)), (1, report(0.11, 0.16))])
+    assert close["verdict"].startswith("within noise")
+    assert paper_table([])["verdict"] == "no evaluation yet"
