@@ -11,7 +11,7 @@ from app import migrate
 from app.console import console, err_console
 from app.dataset_cli import dataset_app
 from app.db import session_scope
-from app.flywheel_cli import flywheel_app, status, train_app, worker
+from app.flywheel_cli import evaluate, flywheel_app, status, train_app, worker
 from app.problem_import import (
     SplitLeak,
     humaneval_rows,
@@ -39,6 +39,7 @@ app.add_typer(sandbox_app, name="sandbox")
 app.add_typer(flywheel_app, name="flywheel")
 app.add_typer(train_app, name="train")
 app.command("status")(status)
+app.command("evaluate")(evaluate)
 app.command("worker")(worker)
 app.add_typer(candidates_app, name="candidates")
 app.command("iterations")(iterations)

@@ -33,6 +33,7 @@ from app.settings import get_settings
 from models import (
     Candidate,
     DatasetVersion,
+    Evaluation,
     Execution,
     HardNegativeLabel,
     Iteration,
@@ -43,12 +44,14 @@ from models import (
 )
 from models.base import utcnow
 from models.enums import (
+    EvaluationStatus,
     IterationStatus,
     ModelKind,
     ModelStatus,
     Origin,
     RunKind,
     RunStatus,
+    Split,
     Verdict,
 )
 from models.repository import content_hash, dialect_insert, insert_candidates, insert_executions
@@ -89,6 +92,12 @@ class FlywheelParams:
         metadata={"help": "Prompt format of generation and of the policy update on it."},
     )
     reward_epochs: int = field(default=1, metadata={"help": "Epochs of each reward training."})
+    eval_problems: int = field(
+        # Few by default: the bundled model samples slowly on 2 CPU cores. Every
+        # evaluation reuses the baseline's problems, so all are paired.
+        default=8,
+        metadata={"help": "Held-out problems each evaluation samples (the first by id; 0: all)."},
+    )
     policy_steps: int = field(
         # One step: on the 2-core default machine each PPO step of the bundled
         # model costs minutes, and two made the default run miss 20 minutes.
@@ -167,6 +176,9 @@ def open_iteration(session: Session, problem_ids: list[int], params: FlywheelPar
     untested = sorted(p.id for p in problems if not p.has_tests)
     if untested:
         raise ProblemsWithoutTests(untested)
+    held_out = sorted(p.id for p in problems if p.split == Split.EVAL)
+    if held_out:
+        raise ValueError(f"held-out (eval) problems never train: ids {held_out}")
     number = (session.scalar(select(func.max(Iteration.number))) or 0) + 1
     iteration = Iteration(
         number=number,
@@ -181,8 +193,12 @@ def open_iteration(session: Session, problem_ids: list[int], params: FlywheelPar
 
 
 def _start_generation(session: Session, iteration: Iteration, reward: ModelVersion) -> None:
+    from workers.evaluation import open_evaluation
+
     iteration.status = IterationStatus.GENERATING
     iteration.reward_model_version_id = reward.id
+    if iteration.number == 1:  # the baseline: nothing has been trained on generations yet
+        open_evaluation(session, 0, iteration, FlywheelParams.from_dict(iteration.params))
     for batch in _batches(iteration, iteration.params["problem_ids"]):
         _send(session, "generation.generate_batch", iteration.id, batch)
 
@@ -472,6 +488,7 @@ def is_collected(progress: dict[str, int]) -> bool:
 def advance_iteration(session: Session, iteration_id: int) -> IterationStatus:
     """Take the iteration's next step if the store says it is due; idempotent."""
     from workers.control import enqueue_training
+    from workers.evaluation import open_evaluation
 
     iteration = lock_iteration(session, iteration_id)
     params = FlywheelParams.from_dict(iteration.params)
@@ -527,6 +544,19 @@ def advance_iteration(session: Session, iteration_id: int) -> IterationStatus:
                         "prompt_style": params.prompt_style,  # train on what generation fed
                     },
                 )
+            return iteration.status
+        iteration.status = IterationStatus.EVALUATING
+        open_evaluation(session, iteration.number, iteration, params)
+    if iteration.status == IterationStatus.EVALUATING:
+        pending = session.scalar(
+            select(func.count())
+            .select_from(Evaluation)
+            .where(
+                Evaluation.iteration_id == iteration_id,
+                Evaluation.status != EvaluationStatus.DONE,
+            )
+        )
+        if pending:
             return iteration.status
         _finish(session, iteration)
     return iteration.status
@@ -756,6 +786,20 @@ def reconcile(
     return dict(counts)
 
 
+def _reconcile_evaluations(session: Session, iteration_id: int) -> Counter[str]:
+    from workers.evaluation import finish_evaluation, reconcile_evaluation
+
+    counts: Counter[str] = Counter()
+    for evaluation_id in session.scalars(
+        select(Evaluation.id).where(
+            Evaluation.iteration_id == iteration_id, Evaluation.status != EvaluationStatus.DONE
+        )
+    ).all():
+        counts.update(reconcile_evaluation(session, evaluation_id))
+        finish_evaluation(session, evaluation_id)
+    return counts
+
+
 def _aware(moment: datetime) -> datetime:
     # SQLite hands back naive datetimes; they were written in UTC.
     return moment if moment.tzinfo else moment.replace(tzinfo=utcnow().tzinfo)
@@ -797,6 +841,7 @@ def _reconcile_iteration(session: Session, iteration_id: int) -> Counter[str]:
         for problem_id in set(unlabelled) - set(unexecuted):
             _send(session, "labeling.label_problem", iteration_id, problem_id)
             counts["labels"] += 1
+    counts.update(_reconcile_evaluations(session, iteration_id))
     advance_iteration(session, iteration_id)
     return counts
 

@@ -30,10 +30,11 @@ from app.flywheel import (
     problem_progress,
     reconcile,
 )
+from app.queries import held_out_table
 from app.settings import get_settings
-from models import Iteration, ModelVersion, Problem, TrainingRun
+from models import Evaluation, Iteration, ModelVersion, Problem, TrainingRun
 from models.base import utcnow
-from models.enums import IterationStatus, ModelKind, RunKind, RunStatus
+from models.enums import EvaluationStatus, IterationStatus, ModelKind, RunKind, RunStatus, Split
 
 flywheel_app = typer.Typer(help="The flywheel's main job.", no_args_is_help=True)
 train_app = typer.Typer(help="Enqueue a training onto the `training` queue.", no_args_is_help=True)
@@ -138,6 +139,50 @@ def train_policy(
     _enqueue_and_follow(RunKind.POLICY, wait)
 
 
+# --- evaluate -----------------------------------------------------------------------------
+
+
+def evaluate(
+    iteration: Annotated[
+        int, typer.Option("--iteration", min=0, help="0: the baseline; N: after iteration N.")
+    ],
+) -> None:
+    """Evaluate iteration N's models on the held-out problems, in this process.
+
+    A finished evaluation has its metrics recomputed from its stored samples; an
+    unfinished or missing one is completed (sampling, executing, scoring); then
+    the held-out table is printed. Running it twice changes nothing.
+    """
+    from workers.evaluation import evaluation_metrics, open_evaluation, run_inline
+
+    migrate.upgrade()
+    with session_scope() as session:
+        evaluation = session.scalar(select(Evaluation).where(Evaluation.number == iteration))
+        if evaluation is None:
+            owner = session.scalar(select(Iteration).where(Iteration.number == max(iteration, 1)))
+            if owner is None:
+                err_console.print(f"error: no iteration {max(iteration, 1)} in the store")
+                raise typer.Exit(1)
+            params = FlywheelParams.from_dict(owner.params)
+            evaluation = open_evaluation(session, iteration, owner, params, enqueue=False)
+            if evaluation is None:
+                err_console.print(
+                    f"error: nothing to evaluate for iteration {iteration}: its reward model "
+                    "is not trained yet, or no held-out problem has tests "
+                    "(see `rewardranker problems split`)"
+                )
+                raise typer.Exit(1)
+        evaluation_id = evaluation.id
+    with session_scope() as session:
+        evaluation = session.get(Evaluation, evaluation_id)
+        if evaluation.status == EvaluationStatus.DONE:
+            evaluation.metrics = evaluation_metrics(session, evaluation)
+        else:
+            run_inline(session, evaluation_id)
+        table = held_out_table(session)
+    print_held_out(table)
+
+
 # --- status -------------------------------------------------------------------------------
 
 
@@ -160,6 +205,7 @@ def status_report() -> dict[str, Any]:
             for r in session.scalars(select(TrainingRun).order_by(TrainingRun.id.desc()).limit(10))
         ]  # fmt: skip
         iterations = iteration_rows(session)
+        held_out = held_out_table(session)
         problems = session.scalar(select(func.count()).select_from(Problem))
     queues: dict[str, int | None] = {}
     try:
@@ -175,6 +221,7 @@ def status_report() -> dict[str, Any]:
         "models": models,
         "runs": runs,
         "iterations": iterations,
+        "held_out": held_out,
     }
 
 
@@ -192,13 +239,15 @@ def status(
     for run in report["runs"][:5]:
         console.print(f"run {run['id']} {run['kind']} {run['status']} {run['progress']:.0%}")
     print_report(report["iterations"])
+    print_held_out(report["held_out"])
 
 
 def print_report(rows: list[dict[str, Any]]) -> None:
     """One line per iteration and language: what was collected and how reranking did."""
     table = Table(
         "iter", "status", "cand", "verdicts", "hard neg", "RM acc", "lang",
-        "pass@1 random", "reranked", "oracle", "dvc", title="flywheel iterations",
+        "pass@1 random", "reranked", "oracle", "dvc",
+        title="flywheel iterations (pass@1 on each iteration's own training problems)",
     )  # fmt: skip
     for row in rows:
         verdicts = " ".join(f"{_abbrev(k)}={v}" for k, v in sorted(row["verdicts"].items()))
@@ -212,6 +261,36 @@ def print_report(rows: list[dict[str, Any]]) -> None:
     console.print(table)
 
 
+TABLE_ROWS = {"generator": "generator alone", "reranked": "reranked best-of-N"}
+
+
+def print_held_out(table: dict[str, Any]) -> None:
+    """The paper's table: pass@1 on held-out problems with 95% bootstrap intervals."""
+    if not table["rows"]:
+        console.print("held-out evaluation: none finished yet")
+        return
+    samples = {e["number"]: e["samples"] for e in table["evaluations"]}
+    shown = Table(
+        "evaluation", "row", *table["columns"],
+        title="pass@1 on held-out problems, 95% bootstrap interval over problems",
+    )  # fmt: skip
+    for row in table["rows"]:
+        number = row["evaluation"]
+        label = TABLE_ROWS[row["row"]]
+        if row["row"] == "reranked":
+            label += f" (N={samples.get(number)})"
+        cells = [_interval(row["cells"][column]) for column in table["columns"]]
+        shown.add_row("base" if number == 0 else f"after iter {number}", label, *cells)
+    console.print(shown)
+    console.print(table["verdict"])
+
+
+def _interval(figure: dict[str, float] | None) -> str:
+    if figure is None:
+        return "-"
+    return f"{figure['value']:.3f} [{figure['low']:.3f}, {figure['high']:.3f}]"
+
+
 def _abbrev(verdict: str) -> str:
     """WRONG_ANSWER -> WA; OK stays OK."""
     return "".join(word[0] for word in verdict.split("_")) if "_" in verdict else verdict
@@ -222,6 +301,11 @@ def _fmt(value: float | None) -> str:
 
 
 # --- flywheel run --------------------------------------------------------------------------
+
+
+def _help(name: str) -> str:
+    """A FlywheelParams field's help text: the one place each knob is described."""
+    return FlywheelParams.__dataclass_fields__[name].metadata["help"]
 
 
 @flywheel_app.command("run")
@@ -247,6 +331,9 @@ def flywheel_run(
         int, typer.Option(min=0, help="PPO steps per policy update; 0 skips it.")
     ] = 1,
     max_new_tokens: Annotated[int, typer.Option(min=1, help="Token cap per sample.")] = 128,
+    eval_problems: Annotated[
+        int, typer.Option(min=0, help=_help("eval_problems") + " Samples: RR_EVAL_SAMPLES.")
+    ] = FlywheelParams.eval_problems,
     start_workers: Annotated[
         bool, typer.Option(help="Start and stop worker processes here.")
     ] = True,
@@ -273,6 +360,7 @@ def flywheel_run(
         candidates=candidates,
         policy_steps=policy_steps,
         max_new_tokens=max_new_tokens,
+        eval_problems=eval_problems,
     )
     log_dir = get_settings().data_dir.resolve() / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -292,7 +380,9 @@ def flywheel_run(
         stop_workers(workers)
     with session_scope() as session:
         rows = iteration_rows(session)
+        held_out = held_out_table(session)
     print_report(rows)
+    print_held_out(held_out)
     console.print(f"wall time {time.monotonic() - started:.0f}s; worker logs in {log_dir}")
 
 
@@ -344,9 +434,11 @@ def _drive(
 
 
 def _next_problems(session, size: int, *, fresh_only: bool) -> list[int]:
-    """The first `size` problems with tests; in continuous mode after the first
-    iteration, only problems no iteration has used yet."""
-    query = select(Problem.id).where(or_(Problem.tests != "", Problem.io_cases.is_not(None)))
+    """The first `size` training-split problems with tests; in continuous mode after
+    the first iteration, only problems no iteration has used yet."""
+    query = select(Problem.id).where(
+        Problem.split == Split.TRAIN, or_(Problem.tests != "", Problem.io_cases.is_not(None))
+    )
     if fresh_only:
         used = {
             p

@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session
 from models import (
     Candidate,
     DatasetVersion,
+    Evaluation,
     Execution,
     HardNegativeLabel,
     Iteration,
@@ -27,7 +28,7 @@ from models import (
     Score,
     TrainingRun,
 )
-from models.enums import Language, ModelKind, ModelStatus, Origin, Split, Verdict
+from models.enums import EvaluationStatus, Language, ModelKind, ModelStatus, Origin, Split, Verdict
 
 CandidateSort = Literal["time", "-time", "score", "-score"]
 SORTS: tuple[str, ...] = ("time", "-time", "score", "-score")
@@ -557,6 +558,31 @@ def iteration_summaries(session: Session) -> list[dict[str, Any]]:
         }
         for iteration in iterations
     ]
+
+
+def held_out_table(session: Session) -> dict[str, Any]:
+    """The paper's table over the finished evaluations on held-out problems, with
+    what each one measured: `paper_table`'s columns, rows and verdict, plus
+    `evaluations` (number, status, model versions, problems and samples)."""
+    from pipelines.evaluation import paper_table
+
+    evaluations = session.scalars(select(Evaluation).order_by(Evaluation.number)).all()
+    done = [(e.number, e.metrics) for e in evaluations if e.status == EvaluationStatus.DONE]
+    return {
+        **paper_table(done),
+        "evaluations": [
+            {
+                "number": e.number,
+                "status": str(e.status),
+                "generator_version_id": e.generator_version_id,
+                "reward_model_version_id": e.reward_model_version_id,
+                "problems": len(e.params.get("problem_ids", [])),
+                "samples": e.params.get("samples"),
+                "finished_at": e.finished_at,
+            }
+            for e in evaluations
+        ],
+    }
 
 
 def _iteration_dict(iteration: Iteration) -> dict[str, Any]:

@@ -70,6 +70,7 @@ class IterationStatus(StrEnum):
     OPEN = "open"
     GENERATING = "generating"
     TRAINING = "training"
+    EVALUATING = "evaluating"  # measuring its models on the held-out problems
     DONE = "done"
 
 

@@ -39,7 +39,7 @@ from models import (
     Problem,
     Score,
 )
-from models.enums import Verdict
+from models.enums import Origin, Split, Verdict
 from models.repository import content_hash, dialect_insert
 
 DVC_YAML = Path(__file__).with_name("dvc.yaml")
@@ -240,10 +240,13 @@ def _export_tables(session: Session, number: int, folder: Path) -> dict[str, int
 
 def _candidates_in_scope(number: int) -> Select:
     """Ids of the candidates an iteration's dataset holds: those of iterations up
-    to `number`, and those outside any iteration (references, imports)."""
+    to `number`, and those outside any iteration (references, imports); never a
+    held-out problem's or an evaluation's (training must not see them)."""
     earlier = select(Iteration.id).where(Iteration.number <= number)
     return select(Candidate.id).where(
-        or_(Candidate.iteration_id.is_(None), Candidate.iteration_id.in_(earlier))
+        or_(Candidate.iteration_id.is_(None), Candidate.iteration_id.in_(earlier)),
+        Candidate.origin != Origin.EVALUATION,
+        Candidate.problem_id.in_(select(Problem.id).where(Problem.split == Split.TRAIN)),
     )
 
 

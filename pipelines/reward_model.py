@@ -27,7 +27,7 @@ from transformers import TrainerCallback, set_seed
 
 from app.settings import BUNDLED_MODEL
 from models import Candidate, Execution, HardNegativeLabel, ModelVersion, Problem
-from models.enums import ModelKind, Verdict
+from models.enums import ModelKind, Origin, Split, Verdict
 from models.repository import content_hash
 from pipelines.loading import load_sequence_classifier, load_tokenizer
 
@@ -108,7 +108,10 @@ def build_pairs(
     """Chosen = passing candidates and the reference solution; rejected = failing
     candidates of the same problem, hard negatives first. Sandbox errors are no
     verdict on the program, so they are never used."""
-    problems = select(Problem.id, Problem.prompt, Problem.reference_solution)
+    # Held-out problems and evaluation samples never train anything.
+    problems = select(Problem.id, Problem.prompt, Problem.reference_solution).where(
+        Problem.split == Split.TRAIN
+    )
     candidates = (
         select(
             Candidate.id,
@@ -119,7 +122,12 @@ def build_pairs(
             Candidate.id.in_(select(HardNegativeLabel.candidate_id)).label("hard"),
         )
         .join(Execution, Execution.candidate_id == Candidate.id)
-        .where(Execution.verdict != Verdict.SANDBOX_ERROR)
+        .join(Problem, Problem.id == Candidate.problem_id)
+        .where(
+            Execution.verdict != Verdict.SANDBOX_ERROR,
+            Problem.split == Split.TRAIN,
+            Candidate.origin != Origin.EVALUATION,
+        )
         .order_by(Candidate.id)
     )
     if problem_ids is not None:

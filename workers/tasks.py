@@ -21,6 +21,8 @@ import pipelines.reward_model  # noqa: F401
 import pipelines.sandbox  # noqa: F401
 from app import flywheel
 from app.db import session_scope
+from models import Evaluation
+from workers import evaluation
 from workers.after_commit import enqueue_after_commit
 from workers.celery_app import celery
 from workers.control import Heartbeat, keep_alive
@@ -60,6 +62,32 @@ def label_problem(iteration_id: int, problem_id: int) -> None:
     # on the iteration lock and fails.
     with session_scope() as session:
         flywheel.advance_iteration(session, iteration_id)
+
+
+@celery.task(name="generation.evaluate_batch", **RETRY)
+def evaluate_batch(evaluation_id: int, problem_ids: list[int]) -> None:
+    with session_scope() as session:
+        for problem_id in evaluation.generate_evaluation_batch(session, evaluation_id, problem_ids):
+            enqueue_after_commit(session, execute_evaluation.si(evaluation_id, problem_id))
+
+
+@celery.task(name="execution.execute_evaluation", **RETRY)
+def execute_evaluation(evaluation_id: int, problem_id: int) -> None:
+    with session_scope() as session:
+        evaluation.execute_evaluation_problem(session, evaluation_id, problem_id)
+        enqueue_after_commit(session, score_evaluation.si(evaluation_id, problem_id))
+
+
+@celery.task(name="labeling.score_evaluation", **RETRY)
+def score_evaluation(evaluation_id: int, problem_id: int) -> None:
+    with session_scope() as session:
+        evaluation.score_evaluation_problem(session, evaluation_id, problem_id)
+    with session_scope() as session:
+        done = evaluation.finish_evaluation(session, evaluation_id)
+        iteration_id = session.get(Evaluation, evaluation_id).iteration_id
+    if done:
+        with session_scope() as session:
+            flywheel.advance_iteration(session, iteration_id)
 
 
 # A training may run for hours: the short-task limit (RR_TASK_TIME_LIMIT) does not
