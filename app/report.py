@@ -30,6 +30,44 @@ def _empty(axes, message: str) -> None:
     axes.set_yticks([])
 
 
+def held_out_figure(session: Session) -> Figure:
+    """The paper's question: pass@1 on held-out problems, generator alone and
+    reranked, per evaluation, with 95% bootstrap intervals (all languages)."""
+    table = queries.held_out_table(session)
+    figure = Figure(figsize=(6, 3.5))
+    axes = figure.add_subplot()
+    if not table["rows"]:
+        _empty(axes, "no held-out evaluation has finished yet")
+    else:
+        for offset, (row_name, label) in enumerate(
+            (("generator", "generator alone"), ("reranked", "reranked best-of-N"))
+        ):
+            cells = [
+                (row["evaluation"] + (offset - 0.5) * 0.15, row["cells"]["all"])
+                for row in table["rows"]
+                if row["row"] == row_name and row["cells"]["all"] is not None
+            ]
+            axes.errorbar(
+                [x for x, _ in cells],
+                [c["value"] for _, c in cells],
+                yerr=[
+                    [c["value"] - c["low"] for _, c in cells],
+                    [c["high"] - c["value"] for _, c in cells],
+                ],
+                marker="o",
+                capsize=4,
+                linestyle="-",
+                label=label,
+            )
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+        axes.set_xlabel("evaluation (0: base models; N: after iteration N)")
+        axes.set_ylabel("pass@1, held-out problems")
+        axes.set_ylim(0, 1)
+        axes.legend()
+    axes.set_title("held-out pass@1 with 95% intervals")
+    return figure
+
+
 def pass1_figure(session: Session) -> Figure:
     """Random vs reranked pass@1 and the oracle (any of N passes) per iteration."""
     summaries = queries.iteration_summaries(session)
@@ -133,7 +171,11 @@ def score_distribution_figure(session: Session) -> Figure:
 
 
 PLOTS: dict[str, tuple[str, Callable[[Session], Figure]]] = {
-    "pass1": ("Random vs reranked vs oracle pass@1 per iteration", pass1_figure),
+    "held_out": ("Held-out pass@1 per evaluation, with 95% intervals", held_out_figure),
+    "pass1": (
+        "Random vs reranked vs oracle pass@1 on each iteration's own training problems",
+        pass1_figure,
+    ),
     "hard_negatives": ("Hard negatives per iteration", hard_negatives_figure),
     "reward_accuracy": ("Reward-model pairwise accuracy per version", reward_accuracy_figure),
     "verdicts": ("Verdict mix per iteration", verdict_mix_figure),
@@ -149,6 +191,26 @@ def _fmt(value: Any) -> str:
     return f"{value:.3f}" if isinstance(value, float) else ("" if value is None else str(value))
 
 
+def _held_out_lines(table: dict[str, Any]) -> list[str]:
+    """The paper's table in Markdown: pass@1 on held-out problems, 95% intervals."""
+    lines = ["## Held-out evaluation (pass@1, 95% bootstrap interval over problems)", ""]
+    if not table["rows"]:
+        return [*lines, "No evaluation has finished yet."]
+    lines += [
+        "| evaluation | row | " + " | ".join(table["columns"]) + " |",
+        "| --- | --- | " + " | ".join("---" for _ in table["columns"]) + " |",
+    ]
+    for row in table["rows"]:
+        cells = [
+            "-" if (c := row["cells"][column]) is None
+            else f"{c['value']:.3f} [{c['low']:.3f}, {c['high']:.3f}]"
+            for column in table["columns"]
+        ]  # fmt: skip
+        name = "base" if row["evaluation"] == 0 else f"after iteration {row['evaluation']}"
+        lines.append(f"| {name} | {row['row']} | " + " | ".join(cells) + " |")
+    return [*lines, "", table["verdict"]]
+
+
 def write_report(session: Session, out_dir: Path) -> Path:
     """Write `report.md` and one PNG per plot into `out_dir`; returns the Markdown path."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -158,7 +220,9 @@ def write_report(session: Session, out_dir: Path) -> Path:
         "",
         f"Generated {datetime.now(UTC):%Y-%m-%d %H:%M} UTC.",
         "",
-        "## Iterations",
+        *_held_out_lines(queries.held_out_table(session)),
+        "",
+        "## Iterations (figures on each iteration's own training problems)",
         "",
         "| iteration | status | candidates | hard negatives | random pass@1 | reranked pass@1 "
         "| oracle pass@N | RM pairwise acc. |",

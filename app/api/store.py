@@ -223,6 +223,13 @@ def get_iteration(
     return detail
 
 
+@router.get("/evaluations", tags=["evaluations"])
+def get_evaluations(session: DbSession) -> dict[str, Any]:
+    """The paper's table: pass@1 on held-out problems per evaluation, generator alone
+    and reranked, per language and over all, with 95% bootstrap intervals."""
+    return queries.held_out_table(session)
+
+
 @router.get("/models", response_model=list[ModelOut], tags=["models"])
 def get_models(session: DbSession, kind: ModelKind | None = None) -> list[dict[str, Any]]:
     """Registered generator and reward model versions, oldest first."""

@@ -14,8 +14,9 @@ from sqlalchemy.orm import Session
 from app.api import create_app
 from app.api.deps import stream_session, transactions, write_session
 from app.settings import Settings
-from models import DatasetVersion, HardNegativeLabel, Iteration, Score
-from models.enums import Language, ModelKind, Origin, Verdict
+from models import DatasetVersion, Evaluation, HardNegativeLabel, Iteration, Score
+from models.enums import EvaluationStatus, Language, ModelKind, Origin, Verdict
+from pipelines.evaluation import evaluation_report
 from tests.factories import make_candidate, make_model_version, make_problem
 
 
@@ -130,6 +131,25 @@ def seed_store(session: Session) -> Seeded:
         origin=Origin.MUTATION,
         code="int add(int a, int b) { return a + b; }",
     )
+    # Two finished evaluations on 4 held-out problems x 4 draws: the baseline
+    # reranks no better than chance, evaluation 1 puts the passing draw first.
+    for number, reranks in ((0, False), (1, True)):
+        draws = [
+            ("python", problem, (1.0 if passed else 0.0) if reranks else 0.5, passed)
+            for problem in range(4)
+            for passed in (problem % 2 == 0, False, False, False)
+        ]
+        session.add(
+            Evaluation(
+                number=number,
+                iteration_id=first.id,
+                generator_version_id=generator.id,
+                reward_model_version_id=reward.id if reranks else old_reward.id,
+                status=EvaluationStatus.DONE,
+                params={"samples": 4, "problem_ids": [1, 2, 3, 4]},
+                metrics=evaluation_report(draws, resamples=200),
+            )
+        )
     session.flush()
     return Seeded(
         python_problem.id,

@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 from app import db, settings
 from app.cli import app
 from app.db import make_engine
+from app.report import PLOTS
 from tests.app.conftest import Seeded, seed_store
 
 
@@ -105,7 +106,7 @@ def test_iterations_and_models(store):
 def test_report_command_writes_markdown_and_plots(store, tmp_path):
     result = run("report", "--out", str(tmp_path / "report"))
     assert result.exit_code == 0
-    assert (tmp_path / "report" / "report.md").read_text().count(".png)") == 5
+    assert (tmp_path / "report" / "report.md").read_text().count(".png)") == len(PLOTS)
 
 
 def test_api_refuses_to_bind_beyond_loopback_without_a_token(store, monkeypatch):

@@ -13,6 +13,11 @@ def test_report_on_a_seeded_store(pg_session, tmp_path):
     # Iteration 1: random 0.3, reranked 0.5, oracle 0.8, reward model accuracy 0.61.
     assert "| 1 | open | 6 | 1 | 0.300 | 0.500 | 0.800 | 0.610 |" in text
     assert "| rm-v2 | 0.740 |" in text
+    # The paper's table comes first: half the held-out problems pass one draw in 4.
+    assert text.index("## Held-out evaluation") < text.index("## Iterations")
+    assert "| base | generator | 0.125 [" in text
+    assert "| after iteration 1 | reranked | 0.500 [" in text
+    assert "within noise" in text  # 4 problems: the intervals overlap
     for name, (title, _) in PLOTS.items():
         assert f"## {title}" in text and f"![{title}]({name}.png)" in text
         png = (tmp_path / "out" / f"{name}.png").read_bytes()

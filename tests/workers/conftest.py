@@ -136,3 +136,47 @@ def collecting_iteration(session, problem: Problem, reward: ModelVersion) -> Ite
     session.add(iteration)
     session.flush()
     return iteration
+
+
+def assert_evaluation_exactly_once(session, evaluation_id: int) -> None:
+    """A finished evaluation holds one draw per (problem, sample index), and each
+    distinct program drawn has one verdict and one score by the evaluation's
+    reward model (none when the sandbox failed); nothing drawn joined an iteration."""
+    from models import Candidate, Evaluation, EvaluationSample, Execution, Score
+    from models.enums import EvaluationStatus, Origin, Verdict
+
+    session.expire_all()
+    evaluation = session.get(Evaluation, evaluation_id)
+    assert evaluation.status == EvaluationStatus.DONE
+    draws = session.execute(
+        select(EvaluationSample.problem_id, EvaluationSample.sample_index).where(
+            EvaluationSample.evaluation_id == evaluation_id
+        )
+    ).all()
+    # Indices 0..k-1 per problem, k at most the samples asked for (the mutation
+    # backend returns fewer when a reference has fewer distinct mutants).
+    by_problem: dict[int, list[int]] = {}
+    for problem_id, index in draws:
+        by_problem.setdefault(problem_id, []).append(index)
+    assert sorted(by_problem) == sorted(evaluation.params["problem_ids"])
+    for indices in by_problem.values():
+        assert sorted(indices) == list(range(len(indices)))
+        assert 1 <= len(indices) <= evaluation.params["samples"]
+    drawn = select(EvaluationSample.candidate_id).where(
+        EvaluationSample.evaluation_id == evaluation_id
+    )
+    candidates = session.scalars(select(Candidate).where(Candidate.id.in_(drawn))).all()
+    assert {(c.origin, c.iteration_id) for c in candidates} == {(Origin.EVALUATION, None)}
+    verdicts = session.execute(
+        select(Execution.candidate_id, Execution.verdict).where(Execution.candidate_id.in_(drawn))
+    ).all()
+    assert sorted(cid for cid, _ in verdicts) == sorted(c.id for c in candidates)
+    judgeable = {cid for cid, verdict in verdicts if verdict != Verdict.SANDBOX_ERROR}
+    scored = session.scalars(
+        select(Score.candidate_id).where(
+            Score.candidate_id.in_(drawn),
+            Score.reward_model_version_id == evaluation.reward_model_version_id,
+        )
+    ).all()
+    assert sorted(scored) == sorted(judgeable)
+    assert evaluation.metrics["all"]["problems"] == len(evaluation.params["problem_ids"])

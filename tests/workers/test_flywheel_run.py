@@ -13,8 +13,9 @@ from sqlalchemy.orm import Session
 
 from app.db import make_engine
 from app.flywheel import FlywheelParams
-from models import Execution, Iteration
+from models import Evaluation, Execution, Iteration
 from models.enums import IterationStatus
+from tests.workers.conftest import assert_evaluation_exactly_once
 from tests.workers.test_chain import assert_exactly_once
 from workers.processes import CLI
 
@@ -65,4 +66,11 @@ def test_an_interrupted_run_resumes_with_nothing_lost_or_done_twice(tmp_path: Pa
         [iteration] = session.scalars(select(Iteration)).all()
         assert iteration.status == IterationStatus.DONE
         assert_exactly_once(session, iteration.id, FlywheelParams(backend="mutation", candidates=6))
+        # The baseline and iteration 1's evaluation, on the same held-out problems.
+        evaluations = session.scalars(select(Evaluation).order_by(Evaluation.number)).all()
+        assert [e.number for e in evaluations] == [0, 1]
+        assert evaluations[0].params["problem_ids"] == evaluations[1].params["problem_ids"]
+        for evaluation in evaluations:
+            assert_evaluation_exactly_once(session, evaluation.id)
+    assert "pass@1 on held-out problems" in second.stdout
     engine.dispose()

@@ -1,0 +1,145 @@
+"""The evaluation stage's task functions called directly against the real Postgres,
+with the real Redis as broker so the follow-ups they enqueue can be counted."""
+
+import pytest
+from sqlalchemy import select
+
+from app.flywheel import FlywheelParams, open_iteration, reconcile
+from models import Evaluation, EvaluationSample, Execution, Iteration, ModelVersion, Problem, Score
+from models.enums import EvaluationStatus, IterationStatus, ModelKind, Split
+from pipelines.reward_model import build_pairs
+from tests.workers.conftest import (
+    add_problems,
+    assert_evaluation_exactly_once,
+    count,
+    queue_length,
+    register_reward_model,
+)
+from workers import tasks
+from workers.evaluation import open_evaluation
+
+MUTATION = FlywheelParams(backend="mutation", candidates=4, batch_size=2, eval_problems=0)
+
+
+def _held_out_store(store, tiny_model_dir, *, problems: int = 6, held_out: int = 3) -> Iteration:
+    """HumanEval problems, the last `held_out` of them held out, and iteration 1
+    generating with a tiny reward model (the warm start is not what is tested)."""
+    ids = add_problems(store, problems)
+    for problem_id in ids[-held_out:]:
+        store.get(Problem, problem_id).split = Split.EVAL
+    reward = register_reward_model(store, tiny_model_dir)
+    generator = ModelVersion(kind=ModelKind.GENERATOR, name="base", base_model=str(tiny_model_dir))
+    store.add(generator)
+    store.flush()
+    iteration = Iteration(
+        number=1,
+        status=IterationStatus.GENERATING,
+        generator_version_id=generator.id,
+        reward_model_version_id=reward.id,
+        params={**MUTATION.__dict__, "problem_ids": ids[:-held_out], "generated": []},
+    )
+    store.add(iteration)
+    store.flush()
+    return iteration
+
+
+def _run_all(evaluation: Evaluation) -> None:
+    """Every task the evaluation's messages would run, called directly."""
+    problem_ids = evaluation.params["problem_ids"]
+    for start in range(0, len(problem_ids), evaluation.params["batch_size"]):
+        tasks.evaluate_batch(
+            evaluation.id, problem_ids[start : start + evaluation.params["batch_size"]]
+        )
+    for problem_id in problem_ids:
+        tasks.execute_evaluation(evaluation.id, problem_id)
+        tasks.score_evaluation(evaluation.id, problem_id)
+
+
+def test_the_baseline_samples_executes_and_scores_each_held_out_draw_once(
+    store, broker_url, tiny_model_dir, monkeypatch
+):
+    monkeypatch.setenv("RR_EVAL_SAMPLES", "5")
+    from app.settings import get_settings
+
+    get_settings.cache_clear()
+    iteration = _held_out_store(store, tiny_model_dir)
+    evaluation = open_evaluation(store, 0, iteration, MUTATION)
+    store.commit()
+    held_out = sorted(store.scalars(select(Problem.id).where(Problem.split == Split.EVAL)))
+    assert evaluation.params["problem_ids"] == held_out and evaluation.params["samples"] == 5
+    assert queue_length(broker_url, "generation") == 2  # 3 problems in batches of 2
+
+    _run_all(evaluation)
+    assert_evaluation_exactly_once(store, evaluation.id)
+    metrics = store.get(Evaluation, evaluation.id).metrics
+    assert set(metrics) == {"all", "python"}
+    assert metrics["all"]["samples"] <= 15
+    assert 0.0 <= metrics["all"]["generator_pass1"]["value"] <= 1.0
+
+    # Every message delivered again (a redelivery, a reconcile) changes nothing.
+    before = (count(store, EvaluationSample), count(store, Execution), count(store, Score))
+    _run_all(evaluation)
+    store.expire_all()
+    assert (count(store, EvaluationSample), count(store, Execution), count(store, Score)) == before
+    # Held-out programs never become training pairs.
+    assert not {pair.problem_id for pair in build_pairs(store)} & set(held_out)
+
+
+def test_later_evaluations_reuse_the_baselines_problems(store, tiny_model_dir):
+    iteration = _held_out_store(store, tiny_model_dir, problems=8, held_out=4)
+    baseline = open_evaluation(
+        store, 0, iteration, FlywheelParams(backend="mutation", eval_problems=2)
+    )
+    assert len(baseline.params["problem_ids"]) == 2
+    # Iteration 1's retrained reward model: evaluation 1 can now open.
+    from models import TrainingRun
+    from models.enums import RunKind, RunStatus
+
+    reward = register_reward_model(store, tiny_model_dir)
+    store.add(
+        TrainingRun(
+            kind=RunKind.REWARD,
+            status=RunStatus.SUCCEEDED,
+            iteration_id=iteration.id,
+            result_model_version_id=reward.id,
+        )
+    )
+    store.flush()
+    after = open_evaluation(
+        store, 1, iteration, FlywheelParams(backend="mutation", eval_problems=4)
+    )
+    assert after.params["problem_ids"] == baseline.params["problem_ids"]  # paired, not 4
+    assert after.reward_model_version_id == reward.id
+    assert open_evaluation(store, 1, iteration, MUTATION).id == after.id  # opened once
+
+
+def test_reconcile_resends_only_what_an_evaluation_is_missing(store, broker_url, tiny_model_dir):
+    iteration = _held_out_store(store, tiny_model_dir)
+    evaluation = open_evaluation(store, 0, iteration, MUTATION)
+    store.commit()
+    first_batch = evaluation.params["problem_ids"][:2]
+    tasks.evaluate_batch(evaluation.id, first_batch)
+    tasks.execute_evaluation(evaluation.id, first_batch[0])
+    redis_queues = ("generation", "execution", "labeling")
+    before = {name: queue_length(broker_url, name) for name in redis_queues}
+    store.expire_all()  # the tasks committed in sessions of their own
+    counts = reconcile(store)
+    store.commit()
+    assert counts["evaluation_batches"] == 1  # the third problem was never generated
+    assert counts["evaluation_executions"] == 1  # the second problem has no verdicts
+    assert counts["evaluation_scores"] == 1  # the first problem is executed, not scored
+    after = {name: queue_length(broker_url, name) for name in redis_queues}
+    # Generation also gets the iteration's own two batches, which nothing generated.
+    assert counts["batches"] == 2
+    assert {name: after[name] - before[name] for name in redis_queues} == {
+        "generation": 3, "execution": 1, "labeling": 1,
+    }  # fmt: skip
+    assert store.get(Evaluation, evaluation.id).status == EvaluationStatus.RUNNING
+
+
+def test_held_out_problems_never_open_an_iteration(session):
+    from tests.factories import make_problem
+
+    held_out = make_problem(session, split=Split.EVAL)
+    with pytest.raises(ValueError, match=f"held-out .* ids \\[{held_out.id}\\]"):
+        open_iteration(session, [held_out.id], MUTATION)
