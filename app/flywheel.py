@@ -197,10 +197,12 @@ def _start_generation(session: Session, iteration: Iteration, reward: ModelVersi
 
     iteration.status = IterationStatus.GENERATING
     iteration.reward_model_version_id = reward.id
-    if iteration.number == 1:  # the baseline: nothing has been trained on generations yet
-        open_evaluation(session, 0, iteration, FlywheelParams.from_dict(iteration.params))
     for batch in _batches(iteration, iteration.params["problem_ids"]):
         _send(session, "generation.generate_batch", iteration.id, batch)
+    # The baseline, queued behind the iteration's own batches: it then samples
+    # while the iteration's candidates are judged and the reward model retrains.
+    if iteration.number == 1:
+        open_evaluation(session, 0, iteration, FlywheelParams.from_dict(iteration.params))
 
 
 def _batches(iteration: Iteration, problem_ids: list[int]) -> list[list[int]]:
