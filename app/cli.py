@@ -10,7 +10,7 @@ from sqlalchemy import func, select
 from app import migrate
 from app.console import console, err_console
 from app.dataset_cli import dataset_app
-from app.db import session_scope
+from models.db import session_scope
 from app.flywheel_cli import flywheel_app, status, train_app, worker
 from app.problem_import import humaneval_rows, read_problem_file, upsert_problems
 from app.query_cli import api, candidates_app, iterations, models, report

@@ -11,8 +11,8 @@ from sqlalchemy import select
 
 from app import migrate
 from app.console import console, err_console
-from app.db import session_scope
-from app.settings import get_settings
+from models.db import session_scope
+from models.settings import get_settings
 from models import DatasetVersion, Iteration
 
 dataset_app = typer.Typer(help="DVC-versioned datasets of the iterations.", no_args_is_help=True)

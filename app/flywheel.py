@@ -29,7 +29,7 @@ from typing import Any
 from sqlalchemy import and_, func, select, update
 from sqlalchemy.orm import Session
 
-from app.settings import get_settings
+from models.settings import get_settings
 from models import (
     Candidate,
     DatasetVersion,

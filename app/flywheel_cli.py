@@ -21,7 +21,7 @@ from sqlalchemy import func, or_, select
 
 from app import migrate
 from app.console import console, err_console
-from app.db import session_scope
+from models.db import session_scope
 from app.flywheel import (
     FlywheelParams,
     blocked_reason,
@@ -30,7 +30,7 @@ from app.flywheel import (
     problem_progress,
     reconcile,
 )
-from app.settings import get_settings
+from models.settings import get_settings
 from models import Iteration, ModelVersion, Problem, TrainingRun
 from models.base import utcnow
 from models.enums import IterationStatus, ModelKind, RunKind, RunStatus

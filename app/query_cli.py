@@ -15,7 +15,7 @@ from rich.table import Table
 
 from app import migrate, queries
 from app.console import console, err_console
-from app.db import session_scope
+from models.db import session_scope
 from models.enums import Language, ModelKind, Origin, Verdict
 
 candidates_app = typer.Typer(help="Query the candidate store.", no_args_is_help=True)
@@ -231,7 +231,7 @@ def api(
     import uvicorn
 
     from app.api import create_app
-    from app.settings import Settings
+    from models.settings import Settings
 
     overrides = {k: v for k, v in (("api_host", host), ("api_port", port)) if v is not None}
     try:

@@ -47,7 +47,7 @@ def main() -> None:
         configure(database, data_dir)
         run(problems, candidates, data_dir)
     finally:
-        from app import db
+        from models import db
 
         db.get_engine().dispose()
         with psycopg.connect(PG_ADMIN, autocommit=True) as admin:
@@ -76,7 +76,7 @@ def run(problems: int, candidates: int, data_dir: Path) -> None:
     from sqlalchemy import func, select
 
     from app import migrate
-    from app.db import session_scope
+    from models.db import session_scope
     from app.flywheel import FlywheelParams, open_iteration
     from app.problem_import import humaneval_rows, upsert_problems
     from models import Candidate, Execution, ModelVersion, Problem, Score
@@ -150,7 +150,7 @@ def stage_compute(problem_ids: list[int], params, *, seed: int) -> dict[str, flo
     the iteration number), in this process: generation, sandbox, scoring."""
     from sqlalchemy import select
 
-    from app.db import session_scope
+    from models.db import session_scope
     from models import Problem
     from pipelines.generation import GenerationConfig, PromptSpec, make_generator
     from pipelines.reward_model import RewardScorer
@@ -180,7 +180,7 @@ def stage_compute(problem_ids: list[int], params, *, seed: int) -> dict[str, flo
 def wait_until_collected(iteration_id: int) -> None:
     """Until every candidate is executed and scored: the stages that flow through
     the queues. The retraining that follows is one long task, not queue traffic."""
-    from app.db import session_scope
+    from models.db import session_scope
     from app.flywheel import is_collected, problem_progress
     from models import Iteration
 

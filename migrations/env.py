@@ -3,8 +3,8 @@ from logging.config import fileConfig
 from alembic import context
 from sqlalchemy import Connection
 
-from app.db import make_engine
-from app.settings import get_settings
+from models.db import make_engine
+from models.settings import get_settings
 from models import Base
 
 config = context.config

@@ -116,7 +116,7 @@ def version_iteration(
     iteration = session.get_one(Iteration, iteration_id)
     tag = iteration_tag(iteration.number)
     if remote is None:
-        from app.settings import get_settings
+        from models.settings import get_settings
 
         remote = get_settings().dvc_remote
     data_dir = data_dir.resolve()

@@ -20,7 +20,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from app.settings import BUNDLED_MODEL
+from models.settings import BUNDLED_MODEL
 from models.enums import Language
 
 BACKENDS = ("transformers", "vllm", "mutation")

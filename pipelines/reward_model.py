@@ -25,7 +25,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 from transformers import TrainerCallback, set_seed
 
-from app.settings import BUNDLED_MODEL
+from models.settings import BUNDLED_MODEL
 from models import Candidate, Execution, HardNegativeLabel, ModelVersion, Problem
 from models.enums import ModelKind, Verdict
 from models.repository import content_hash

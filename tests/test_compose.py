@@ -13,7 +13,7 @@ from celery.app.utils import find_app
 from typer.core import TyperGroup
 
 from app.cli import app as cli_app
-from app.settings import Settings
+from models.settings import Settings
 from workers.celery_app import QUEUES
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -8,7 +8,7 @@ re-enqueued message is harmless.
 from celery import Celery
 from kombu import Queue
 
-from app.settings import Settings, get_settings
+from models.settings import Settings, get_settings
 
 QUEUES = ("generation", "execution", "labeling", "training")
 

@@ -16,7 +16,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from app.db import session_scope
+from models.db import session_scope
 from app.flywheel import heartbeat
 from models import TrainingRun
 from models.enums import RunKind, RunStatus

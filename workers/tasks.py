@@ -20,7 +20,7 @@ import pipelines.mining  # noqa: F401
 import pipelines.reward_model  # noqa: F401
 import pipelines.sandbox  # noqa: F401
 from app import flywheel
-from app.db import session_scope
+from models.db import session_scope
 from workers.after_commit import enqueue_after_commit
 from workers.celery_app import celery
 from workers.control import Heartbeat, keep_alive

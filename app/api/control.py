@@ -15,7 +15,7 @@ from app import queries
 from app.api.deps import DbSession, Transactions
 from app.api.schemas import HealthOut, SolveIn, SolveOut, TrainingRunIn, TrainingRunOut
 from app.problem_import import upsert_problems
-from app.settings import get_settings
+from models.settings import get_settings
 from models import Iteration, ModelVersion, Problem, Score, TrainingRun
 from models.enums import ModelKind, Origin
 from models.repository import dialect_insert, insert_candidates

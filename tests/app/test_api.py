@@ -7,7 +7,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from app.api import create_app
-from app.settings import Settings
+from models.settings import Settings
 from models import TrainingRun
 from models.enums import RunKind, RunStatus
 from tests.app.conftest import serve_session

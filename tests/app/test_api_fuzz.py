@@ -10,7 +10,7 @@ from schemathesis.checks import not_a_server_error
 from sqlalchemy import update
 
 from app.api import create_app
-from app.settings import Settings
+from models.settings import Settings
 from models import ModelVersion
 from models.enums import ModelStatus
 from tests.app.conftest import seed_store, serve_session

@@ -9,9 +9,9 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import func, select
 
-from app import db, settings
+from models import db, settings
 from app.api import create_app
-from app.settings import Settings
+from models.settings import Settings
 from models import Candidate, ModelVersion, Problem, Score
 from models.enums import ModelKind, Origin
 from pipelines.generation import Sample

@@ -9,9 +9,9 @@ import pytest
 from sqlalchemy.orm import Session
 from typer.testing import CliRunner
 
-from app import db, settings
+from models import db, settings
 from app.cli import app
-from app.db import make_engine
+from models.db import make_engine
 from tests.app.conftest import Seeded, seed_store
 
 

@@ -16,9 +16,9 @@ from sqlalchemy import Engine, delete, func, select
 from sqlalchemy.orm import Session
 from typer.testing import CliRunner
 
-from app import db, settings
+from models import db, settings
 from app.cli import app as cli_app
-from app.db import make_engine
+from models.db import make_engine
 from models import (
     Candidate,
     DatasetVersion,

@@ -7,7 +7,7 @@ import pytest
 import torch
 from sqlalchemy import func, select
 
-from app.settings import BUNDLED_MODEL
+from models.settings import BUNDLED_MODEL
 from models import ModelVersion
 from models.enums import ModelKind
 from pipelines.generation import (

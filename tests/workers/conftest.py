@@ -11,8 +11,8 @@ import pytest
 import redis
 from sqlalchemy import func, select
 
-from app import db
-from app.settings import get_settings
+from models import db
+from models.settings import get_settings
 from models import Iteration, ModelVersion, Problem
 from models.enums import IterationStatus, ModelKind
 from tests.conftest import fresh_database

@@ -11,7 +11,7 @@ from pathlib import Path
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from app.db import make_engine
+from models.db import make_engine
 from app.flywheel import FlywheelParams
 from models import Execution, Iteration
 from models.enums import IterationStatus

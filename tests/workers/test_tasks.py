@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
-from app import db
-from app.db import session_scope
+from models import db
+from models.db import session_scope
 from app.flywheel import FlywheelParams, ProblemsWithoutTests, open_iteration, reconcile
 from models import (
     Candidate,
