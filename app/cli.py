@@ -10,12 +10,12 @@ from sqlalchemy import func, select
 from app import migrate
 from app.console import console, err_console
 from app.dataset_cli import dataset_app
-from models.db import session_scope
 from app.flywheel_cli import flywheel_app, status, train_app, worker
 from app.problem_import import humaneval_rows, read_problem_file, upsert_problems
 from app.query_cli import api, candidates_app, iterations, models, report
 from app.sandbox_cli import sandbox_app
 from models import Candidate, Execution, HardNegativeLabel, Iteration, ModelVersion, Problem
+from models.db import session_scope
 
 app = typer.Typer(
     help="RewardRanker flywheel: generate, execute, rerank, retrain.", no_args_is_help=True

@@ -11,9 +11,9 @@ from sqlalchemy import select
 
 from app import migrate
 from app.console import console, err_console
+from models import DatasetVersion, Iteration
 from models.db import session_scope
 from models.settings import get_settings
-from models import DatasetVersion, Iteration
 
 dataset_app = typer.Typer(help="DVC-versioned datasets of the iterations.", no_args_is_help=True)
 

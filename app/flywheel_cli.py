@@ -17,23 +17,28 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 from rich.table import Table
-from sqlalchemy import func, or_, select
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
 
 from app import migrate
 from app.console import console, err_console
-from models.db import session_scope
-from app.flywheel import (
-    FlywheelParams,
-    blocked_reason,
-    iteration_rows,
-    open_iteration,
-    problem_progress,
-    reconcile,
+from models import (
+    Candidate,
+    DatasetVersion,
+    Execution,
+    HardNegativeLabel,
+    Iteration,
+    Problem,
+    TrainingRun,
 )
-from models.settings import get_settings
-from models import Iteration, ModelVersion, Problem, TrainingRun
 from models.base import utcnow
+from models.db import session_scope
 from models.enums import IterationStatus, ModelKind, RunKind, RunStatus
+from models.repository import current_model, problem_progress
+from models.settings import get_settings
+from workers.iteration import FlywheelParams, blocked_reason, next_problems, open_iteration
+from workers.names import QUEUES
+from workers.reconcile import reconcile
 
 flywheel_app = typer.Typer(help="The flywheel's main job.", no_args_is_help=True)
 train_app = typer.Typer(help="Enqueue a training onto the `training` queue.", no_args_is_help=True)
@@ -46,15 +51,16 @@ cores): reconciling while a task is merely slow re-sends its follow-ups, which i
 harmless but wasted work."""
 STALE_RUN = timedelta(minutes=10)
 """A running training whose heartbeat is older than this lost its worker."""
-QUEUE_GROUPS = (("generation",), ("execution",), ("labeling",), ("training",))
+QUEUE_GROUPS = tuple((queue,) for queue in QUEUES)
+"""One worker process per queue."""
 
 
 # --- worker ------------------------------------------------------------------------
 
 
 def worker(
-    queues: Annotated[str, typer.Option(help="Comma-separated queues to consume.")] = (
-        "generation,execution,labeling,training"
+    queues: Annotated[str, typer.Option(help="Comma-separated queues to consume.")] = ",".join(
+        QUEUES
     ),
     concurrency: Annotated[int, typer.Option(min=1, help="Pool processes.")] = 1,
     pool: Annotated[str, typer.Option(help="prefork, solo or threads.")] = "prefork",
@@ -85,7 +91,7 @@ def worker(
 
 
 def _enqueue_and_follow(kind: RunKind, wait: bool) -> None:
-    from workers.control import enqueue_training, follow_run
+    from workers.runs import enqueue_training, follow_run
 
     migrate.upgrade()
     with session_scope() as session:
@@ -143,17 +149,11 @@ def train_policy(
 
 def status_report() -> dict[str, Any]:
     """Queues, iterations, counts and current models as one JSON-ready object."""
-    from workers.celery_app import QUEUES, celery
+    from workers.celery_app import celery
 
     with session_scope() as session:
-        models = {
-            kind.value: session.scalars(
-                select(ModelVersion.id)
-                .where(ModelVersion.kind == kind)
-                .order_by(ModelVersion.id.desc())
-            ).first()
-            for kind in ModelKind
-        }
+        current = {kind: current_model(session, kind) for kind in ModelKind}
+        models = {kind.value: version and version.id for kind, version in current.items()}
         runs = [
             {"id": r.id, "kind": r.kind.value, "status": r.status.value, "progress": r.progress,
              "iteration_id": r.iteration_id, "error": r.error}
@@ -330,7 +330,7 @@ def _drive(
             # messages are re-enqueued before waiting on it.
             resumed = unfinished is not None
             if unfinished is None and (continuous or done < iterations):
-                problem_ids = _next_problems(session, size, fresh_only=continuous and done > 0)
+                problem_ids = next_problems(session, size, fresh_only=continuous and done > 0)
                 if problem_ids:
                     unfinished = open_iteration(session, problem_ids, params).id
         if unfinished is not None:
@@ -339,20 +339,6 @@ def _drive(
             time.sleep(10)  # waiting for new problems
         else:
             return
-
-
-def _next_problems(session, size: int, *, fresh_only: bool) -> list[int]:
-    """The first `size` problems with tests; in continuous mode after the first
-    iteration, only problems no iteration has used yet."""
-    query = select(Problem.id).where(or_(Problem.tests != "", Problem.io_cases.is_not(None)))
-    if fresh_only:
-        used = {
-            p
-            for ids in session.scalars(select(Iteration.params))
-            for p in ids.get("problem_ids", [])
-        }
-        query = query.where(Problem.id.not_in(used)) if used else query
-    return list(session.scalars(query.order_by(Problem.id).limit(size)))
 
 
 class IterationBlocked(RuntimeError):
@@ -451,3 +437,54 @@ def _update_bars(bars: Progress, stages: dict[str, TaskID], iteration, progress,
         label = "warm-start reward" if run.params.get("warm_start") else run.kind.value
         bars.update(stages["training"], description=f"iter {number} {label} ({run.status.value})",
                     completed=round(run.progress * 100), total=100)  # fmt: skip
+
+
+def iteration_rows(session: Session) -> list[dict[str, Any]]:
+    """Per iteration: what `rewardranker status --json` and the run report show."""
+    rows = []
+    for iteration in session.scalars(select(Iteration).order_by(Iteration.number)):
+        progress = problem_progress(session, iteration)
+        verdicts = dict(
+            session.execute(
+                select(Execution.verdict, func.count())
+                .join(Candidate, Candidate.id == Execution.candidate_id)
+                .where(Candidate.iteration_id == iteration.id)
+                .group_by(Execution.verdict)
+            ).all()
+        )
+        reward_run = session.scalars(
+            select(TrainingRun)
+            .where(
+                TrainingRun.iteration_id == iteration.id,
+                TrainingRun.kind == RunKind.REWARD,
+                TrainingRun.status == RunStatus.SUCCEEDED,
+            )
+            .order_by(TrainingRun.id.desc())
+        ).first()
+        rows.append(
+            {
+                "number": iteration.number,
+                "status": iteration.status.value,
+                "problems": progress["problems"],
+                "candidates": progress["candidates"],
+                "executions": progress["executed"],
+                "verdicts": {verdict.value: count for verdict, count in verdicts.items()},
+                "hard_negatives": session.scalar(
+                    select(func.count())
+                    .select_from(HardNegativeLabel)
+                    .where(HardNegativeLabel.iteration_id == iteration.id)
+                ),
+                "reward_model_version": iteration.reward_model_version_id,
+                "generator_version": iteration.generator_version_id,
+                "dvc_tag": session.scalar(
+                    select(DatasetVersion.dvc_tag).where(
+                        DatasetVersion.iteration_id == iteration.id
+                    )
+                ),
+                "reward_accuracy": (
+                    reward_run.metrics.get("pairwise_accuracy") if reward_run else None
+                ),
+                "evaluation": iteration.metrics.get("evaluation", {}),
+            }
+        )
+    return rows

@@ -76,12 +76,12 @@ def run(problems: int, candidates: int, data_dir: Path) -> None:
     from sqlalchemy import func, select
 
     from app import migrate
-    from models.db import session_scope
-    from app.flywheel import FlywheelParams, open_iteration
     from app.problem_import import humaneval_rows, upsert_problems
     from models import Candidate, Execution, ModelVersion, Problem, Score
+    from models.db import session_scope
     from models.enums import ModelKind
-    from workers.celery_app import QUEUES
+    from workers.iteration import FlywheelParams, open_iteration
+    from workers.names import QUEUES
     from workers.processes import kill_worker, start_worker, stop_workers
 
     migrate.upgrade()
@@ -150,8 +150,8 @@ def stage_compute(problem_ids: list[int], params, *, seed: int) -> dict[str, flo
     the iteration number), in this process: generation, sandbox, scoring."""
     from sqlalchemy import select
 
-    from models.db import session_scope
     from models import Problem
+    from models.db import session_scope
     from pipelines.generation import GenerationConfig, PromptSpec, make_generator
     from pipelines.reward_model import RewardScorer
     from pipelines.sandbox import Job, run_batch
@@ -180,9 +180,10 @@ def stage_compute(problem_ids: list[int], params, *, seed: int) -> dict[str, flo
 def wait_until_collected(iteration_id: int) -> None:
     """Until every candidate is executed and scored: the stages that flow through
     the queues. The retraining that follows is one long task, not queue traffic."""
-    from models.db import session_scope
-    from app.flywheel import is_collected, problem_progress
     from models import Iteration
+    from models.db import session_scope
+    from models.repository import problem_progress
+    from workers.iteration import is_collected
 
     while True:
         with session_scope() as session:

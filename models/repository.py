@@ -1,5 +1,7 @@
-"""Bulk write paths of the candidate store. They flush, never commit: the caller
-owns the transaction. Both are idempotent, so a rerun of a batch is harmless.
+"""Every write path of the candidate store, and the reads that more than one part
+of the service shares ("the current model", an iteration's progress). Writes flush,
+never commit: the caller owns the transaction. All are idempotent, so a rerun of a
+batch is harmless.
 
 On Postgres the rows travel by binary COPY into a temporary table and go on with
 one INSERT ... SELECT; on SQLite they are bound parameters, in chunks."""
@@ -11,12 +13,14 @@ from operator import itemgetter
 from typing import Any
 
 import psycopg
-from sqlalchemy import Insert, Row, Table, select, text, tuple_
+from sqlalchemy import Insert, Row, Table, func, select, text, tuple_
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
-from models.candidate import Candidate, Execution
+from models.candidate import Candidate, Execution, HardNegativeLabel, Score
+from models.enums import ModelKind, ModelStatus, Verdict
+from models.training import Iteration, ModelVersion
 
 # SQLite allows 32766 bound parameters per statement; an execution binds 11.
 _SQLITE_CHUNK = 2000
@@ -221,3 +225,68 @@ def _insert_ignoring_conflicts(
     for start in range(0, len(rows), _SQLITE_CHUNK):
         out.extend(session.execute(statement, rows[start : start + _SQLITE_CHUNK]))
     return out
+
+
+def insert_scores(session: Session, rows: Sequence[dict[str, Any]]) -> None:
+    """Insert reward-model scores (`candidate_id`, `reward_model_version_id`, `score`);
+    a candidate already scored by that version keeps its score."""
+    if rows:
+        session.execute(
+            dialect_insert(session, Score).on_conflict_do_nothing(
+                index_elements=["candidate_id", "reward_model_version_id"]
+            ),
+            rows,
+        )
+
+
+def insert_hard_negative_labels(session: Session, rows: Sequence[dict[str, Any]]) -> int:
+    """Insert hard-negative labels, once per candidate and reward model version;
+    returns how many were new."""
+    if not rows:
+        return 0
+    written = session.execute(
+        dialect_insert(session, HardNegativeLabel)
+        .on_conflict_do_nothing(index_elements=["candidate_id", "reward_model_version_id"])
+        .returning(HardNegativeLabel.id),
+        rows,
+    )
+    return len(written.all())
+
+
+def current_model(session: Session, kind: ModelKind) -> ModelVersion | None:
+    """The newest ready model of a kind: what new iterations, trainings and /solve use."""
+    return session.scalars(
+        select(ModelVersion)
+        .where(ModelVersion.kind == kind, ModelVersion.status == ModelStatus.READY)
+        .order_by(ModelVersion.id.desc())
+        .limit(1)
+    ).first()
+
+
+def problem_progress(session: Session, iteration: Iteration) -> dict[str, int]:
+    """Counts that say how far the iteration's collection is."""
+    in_iteration = Candidate.iteration_id == iteration.id
+    candidates = session.scalar(select(func.count()).select_from(Candidate).where(in_iteration))
+    executed = session.scalar(
+        select(func.count()).select_from(Candidate).join(Execution).where(in_iteration)
+    )
+    judgeable = session.scalar(
+        select(func.count())
+        .select_from(Candidate)
+        .join(Execution)
+        .where(in_iteration, Execution.verdict != Verdict.SANDBOX_ERROR)
+    )
+    scored = session.scalar(
+        select(func.count())
+        .select_from(Candidate)
+        .join(Score, Score.candidate_id == Candidate.id)
+        .where(in_iteration, Score.reward_model_version_id == iteration.reward_model_version_id)
+    )
+    return {
+        "problems": len(iteration.params["problem_ids"]),
+        "generated": len(iteration.params["generated"]),
+        "candidates": candidates,
+        "executed": executed,
+        "judgeable": judgeable,
+        "scored": scored,
+    }

@@ -20,8 +20,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from models.settings import BUNDLED_MODEL
 from models.enums import Language
+from models.settings import BUNDLED_MODEL
 
 BACKENDS = ("transformers", "vllm", "mutation")
 PROMPT_STYLES = ("auto", "chat", "completion")

@@ -25,10 +25,10 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 from transformers import TrainerCallback, set_seed
 
-from models.settings import BUNDLED_MODEL
 from models import Candidate, Execution, HardNegativeLabel, ModelVersion, Problem
 from models.enums import ModelKind, Verdict
 from models.repository import content_hash
+from models.settings import BUNDLED_MODEL
 from pipelines.loading import load_sequence_classifier, load_tokenizer
 
 Progress = Callable[[float], None]  # called with the fraction of training done, 0..1

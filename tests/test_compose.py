@@ -14,7 +14,7 @@ from typer.core import TyperGroup
 
 from app.cli import app as cli_app
 from models.settings import Settings
-from workers.celery_app import QUEUES
+from workers.names import QUEUES
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())

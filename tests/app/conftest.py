@@ -13,9 +13,9 @@ from sqlalchemy.orm import Session
 
 from app.api import create_app
 from app.api.deps import stream_session, transactions, write_session
-from models.settings import Settings
 from models import DatasetVersion, HardNegativeLabel, Iteration, Score
 from models.enums import Language, ModelKind, Origin, Verdict
+from models.settings import Settings
 from tests.factories import make_candidate, make_model_version, make_problem
 
 

@@ -9,8 +9,8 @@ import pytest
 from sqlalchemy.orm import Session
 from typer.testing import CliRunner
 
-from models import db, settings
 from app.cli import app
+from models import db, settings
 from models.db import make_engine
 from tests.app.conftest import Seeded, seed_store
 

@@ -7,9 +7,9 @@ import pytest
 import torch
 from sqlalchemy import func, select
 
-from models.settings import BUNDLED_MODEL
 from models import ModelVersion
 from models.enums import ModelKind
+from models.settings import BUNDLED_MODEL
 from pipelines.generation import (
     GenerationConfig,
     PromptSpec,
