@@ -7,7 +7,7 @@ of `pipelines/dvc.yaml`, so a clone checked out at a tag can `dvc pull` and
 `dvc repro` the reward-model training of that iteration.
 
 Tables in `data/`:
-- `pairs.parquet`: the reward model's training pairs (`reward_model.build_pairs`'s
+- `pairs.parquet`: the reward model's training pairs (`pipelines.pairs`'
   rule over the candidates up to the iteration, with the paired candidates' ids);
 - `candidates.parquet`: every candidate up to the iteration, with its verdict;
 - `scores.parquet`: reward-model scores of those candidates;
@@ -40,14 +40,12 @@ from models import (
     Score,
 )
 from models.enums import Verdict
-from models.repository import content_hash, dialect_insert
+from models.repository import dialect_insert
+from pipelines.pairs import Executed, problem_pairs
 
 DVC_YAML = Path(__file__).with_name("dvc.yaml")
 REPO_DIRNAME = "dvc-repo"
 DATA_DIRNAME = "data"  # the DVC-tracked folder inside the repository
-# build_pairs' default, so a tagged dataset holds what the reward model trained on
-# (tests/pipelines/test_datasets.py checks the two agree).
-MAX_PAIRS_PER_PROBLEM = 32
 _BATCH_ROWS = 5000
 
 PAIRS_SCHEMA = pa.schema(
@@ -321,12 +319,8 @@ def _hard_negative_rows(
 
 
 def _pair_rows(session: Session, in_scope: Select, number: int) -> Iterator[dict[str, Any]]:
-    """`reward_model.build_pairs`'s pairs, limited to the candidates and labels up
-    to iteration `number`, and with the ids of the programs paired.
-
-    Same rule and order: chosen = the reference solution, then passing candidates
-    with other text; rejected = failing candidates, hard negatives first; a
-    SANDBOX_ERROR says nothing about the program, so it is never rejected."""
+    """The pairing rule's pairs (`pipelines.pairs`), limited to the candidates and
+    labels up to iteration `number`, with the ids of the programs paired."""
     hard_negatives = set(
         session.scalars(
             select(HardNegativeLabel.candidate_id).where(
@@ -357,19 +351,9 @@ def _pair_rows(session: Session, in_scope: Select, number: int) -> Iterator[dict
     )
     for problem_id, group in groupby(executed, key=lambda row: row.problem_id):
         problem = problems[problem_id]
-        # content hash -> (candidate id, code); the reference has no candidate id.
-        chosen: dict[str, tuple[int | None, str]] = {}
-        if problem.reference_solution:
-            chosen[content_hash(problem.reference_solution)] = (None, problem.reference_solution)
-        rejected: list[tuple[int, str]] = []
-        for row in group:
-            if row.verdict == Verdict.OK:
-                chosen.setdefault(row.content_hash, (row.id, row.code))
-            else:
-                rejected.append((row.id, row.code))
-        rejected.sort(key=lambda item: (item[0] not in hard_negatives, item[0]))
-        for (chosen_id, chosen_code), (rejected_id, rejected_code) in _round_robin(
-            list(chosen.values()), rejected, MAX_PAIRS_PER_PROBLEM
+        rows = [Executed(row.id, row.content_hash, row.code, row.verdict) for row in group]
+        for (chosen_id, chosen_code), (rejected_id, rejected_code) in problem_pairs(
+            problem.reference_solution, rows, hard_negatives
         ):
             yield {
                 "problem_id": problem_id,
@@ -380,18 +364,6 @@ def _pair_rows(session: Session, in_scope: Select, number: int) -> Iterator[dict
                 "rejected_candidate_id": rejected_id,
                 "rejected_hard_negative": rejected_id in hard_negatives,
             }
-
-
-def _round_robin(chosen: list, rejected: list, limit: int) -> Iterator[tuple[Any, Any]]:
-    """Up to `limit` (chosen, rejected) pairs: every rejected item once per round,
-    each round shifting the chosen one, so a cap keeps both sides varied."""
-    emitted = 0
-    for shift in range(len(chosen)):
-        for index, rejected_item in enumerate(rejected):
-            if emitted == limit:
-                return
-            yield chosen[(index + shift) % len(chosen)], rejected_item
-            emitted += 1
 
 
 def _write_parquet(path: Path, schema: pa.Schema, rows: Iterator[dict[str, Any]]) -> int:

@@ -13,7 +13,6 @@ import random
 import shutil
 import time
 import uuid
-from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -21,15 +20,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 from transformers import TrainerCallback, set_seed
 
-from models import Candidate, Execution, HardNegativeLabel, ModelVersion, Problem
-from models.enums import ModelKind, Verdict
-from models.repository import content_hash
+from models import ModelVersion
+from models.enums import ModelKind
 from models.settings import BUNDLED_MODEL
 from pipelines.loading import load_sequence_classifier, load_tokenizer
+from pipelines.pairs import Pair, build_pairs
 
 Progress = Callable[[float], None]  # called with the fraction of training done, 0..1
 CONFIG_FILE = "reward_config.json"  # written beside the weights: config and metrics
@@ -79,84 +77,11 @@ class RewardConfig:
             raise ValueError(f"max_length must be at least 2, got {self.max_length}")
 
 
-@dataclass(frozen=True)
-class Pair:
-    """A passing (`chosen`) and a failing (`rejected`) program for one problem."""
-
-    problem_id: int
-    prompt: str
-    chosen: str
-    rejected: str
-
-
 def reward_text(prompt: str, code: str) -> str:
     """The text the reward model scores for a candidate of a problem."""
     if not prompt.strip() or prompt.strip() in code:
         return code
     return f"{prompt.rstrip()}\n\n{code}"
-
-
-# --- pairs from the store -------------------------------------------------------------
-
-
-def build_pairs(
-    session: Session,
-    *,
-    problem_ids: Sequence[int] | None = None,
-    max_pairs_per_problem: int = 32,
-) -> list[Pair]:
-    """Chosen = passing candidates and the reference solution; rejected = failing
-    candidates of the same problem, hard negatives first. Sandbox errors are no
-    verdict on the program, so they are never used."""
-    problems = select(Problem.id, Problem.prompt, Problem.reference_solution)
-    candidates = (
-        select(
-            Candidate.id,
-            Candidate.problem_id,
-            Candidate.content_hash,
-            Candidate.code,
-            Execution.verdict,
-            Candidate.id.in_(select(HardNegativeLabel.candidate_id)).label("hard"),
-        )
-        .join(Execution, Execution.candidate_id == Candidate.id)
-        .where(Execution.verdict != Verdict.SANDBOX_ERROR)
-        .order_by(Candidate.id)
-    )
-    if problem_ids is not None:
-        problems = problems.where(Problem.id.in_(problem_ids))
-        candidates = candidates.where(Candidate.problem_id.in_(problem_ids))
-
-    prompts, chosen = {}, defaultdict(dict)
-    for problem_id, prompt, reference in session.execute(problems):
-        prompts[problem_id] = prompt
-        if reference:
-            chosen[problem_id][content_hash(reference)] = reference
-    rejected: dict[int, list[tuple[bool, int, str]]] = defaultdict(list)
-    for candidate_id, problem_id, code_hash, code, verdict, hard in session.execute(candidates):
-        if verdict == Verdict.OK:
-            chosen[problem_id].setdefault(code_hash, code)
-        else:
-            rejected[problem_id].append((not hard, candidate_id, code))
-
-    pairs = []
-    for problem_id, failing in sorted(rejected.items()):
-        ordered = [code for _, _, code in sorted(failing)]  # hard negatives (False) sort first
-        winners = list(chosen[problem_id].values())
-        for winner, loser in _round_robin(winners, ordered, max_pairs_per_problem):
-            pairs.append(Pair(problem_id, prompts[problem_id], winner, loser))
-    return pairs
-
-
-def _round_robin(winners: list[str], losers: list[str], limit: int) -> list[tuple[str, str]]:
-    """Up to `limit` (winner, loser) pairs: every loser once per round, in order,
-    each round shifting the winner, so a cap keeps both sides varied."""
-    pairs: list[tuple[str, str]] = []
-    for shift in range(len(winners)):
-        for index, loser in enumerate(losers):
-            if len(pairs) == limit:
-                return pairs
-            pairs.append((winners[(index + shift) % len(winners)], loser))
-    return pairs
 
 
 # --- loading and scoring --------------------------------------------------------------

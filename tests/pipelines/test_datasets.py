@@ -30,8 +30,8 @@ from models import (
 )
 from models.db import make_engine
 from models.enums import Origin, Verdict
-from pipelines.datasets import MAX_PAIRS_PER_PROBLEM, REPO_DIRNAME, version_iteration
-from pipelines.reward_model import Pair, build_pairs
+from pipelines.datasets import REPO_DIRNAME, version_iteration
+from pipelines.pairs import MAX_PAIRS_PER_PROBLEM, Pair, build_pairs
 from tests.factories import make_candidate, make_model_version, make_problem
 
 DVC = str(Path(sys.executable).with_name("dvc"))

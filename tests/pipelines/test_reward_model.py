@@ -10,12 +10,11 @@ from sqlalchemy import func, select
 from models import HardNegativeLabel, ModelVersion
 from models.enums import Origin, Verdict
 from pipelines.loading import ModelNotFoundError
+from pipelines.pairs import Pair, build_pairs
 from pipelines.reward_model import (
     CONFIG_FILE,
-    Pair,
     RewardConfig,
     RewardScorer,
-    build_pairs,
     reward_text,
     split_by_problem,
     train_and_register_reward_model,
