@@ -2,6 +2,7 @@
 
 import json
 import time
+from dataclasses import fields
 from datetime import datetime, timedelta
 from importlib.util import find_spec
 from typing import Annotated, Any
@@ -23,10 +24,6 @@ from sqlalchemy.orm import Session
 from app import migrate
 from app.console import console, err_console
 from models import (
-    Candidate,
-    DatasetVersion,
-    Execution,
-    HardNegativeLabel,
     Iteration,
     Problem,
     TrainingRun,
@@ -34,7 +31,7 @@ from models import (
 from models.base import utcnow
 from models.db import session_scope
 from models.enums import IterationStatus, ModelKind, RunKind, RunStatus
-from models.repository import current_model, problem_progress
+from models.repository import current_model, iteration_summaries, problem_progress
 from models.settings import get_settings
 from workers.iteration import FlywheelParams, blocked_reason, next_problems, open_iteration
 from workers.names import QUEUES
@@ -224,29 +221,33 @@ def _fmt(value: float | None) -> str:
 # --- flywheel run --------------------------------------------------------------------------
 
 
+def _help(name: str) -> str:
+    """The help text of a `FlywheelParams` field: its one home."""
+    return next(f for f in fields(FlywheelParams) if f.name == name).metadata["help"]
+
+
 @flywheel_app.command("run")
 def flywheel_run(
-    backend: Annotated[
-        str,
-        typer.Option(
-            help="transformers (CPU or GPU), vllm (GPU workers with the gpu extra) or mutation."
-        ),
-    ] = "transformers",
+    backend: Annotated[str, typer.Option(help=_help("backend"))] = FlywheelParams.backend,
     prompt_style: Annotated[
-        str, typer.Option(help="auto (chat if the model has a template), chat or completion.")
-    ] = "auto",
+        str, typer.Option(help=_help("prompt_style"))
+    ] = FlywheelParams.prompt_style,
     # The default fits this project's 2-core CPU machines (the bundled model samples
     # slowly there); raise the sizes for bigger runs.
     problems: Annotated[int, typer.Option(min=1, help="Problems per iteration.")] = 4,
-    candidates: Annotated[int, typer.Option(min=1, help="Candidates per problem.")] = 4,
+    candidates: Annotated[
+        int, typer.Option(min=1, help=_help("candidates"))
+    ] = FlywheelParams.candidates,
     iterations: Annotated[
         int, typer.Option(min=1, help="Stop once this many iterations are done.")
     ] = 2,
     continuous: Annotated[bool, typer.Option(help="Keep going as new problems arrive.")] = False,
     policy_steps: Annotated[
-        int, typer.Option(min=0, help="PPO steps per policy update; 0 skips it.")
-    ] = 1,
-    max_new_tokens: Annotated[int, typer.Option(min=1, help="Token cap per sample.")] = 128,
+        int, typer.Option(min=0, help=_help("policy_steps"))
+    ] = FlywheelParams.policy_steps,
+    max_new_tokens: Annotated[
+        int, typer.Option(min=1, help=_help("max_new_tokens"))
+    ] = FlywheelParams.max_new_tokens,
     start_workers: Annotated[
         bool, typer.Option(help="Start and stop worker processes here.")
     ] = True,
@@ -441,50 +442,13 @@ def _update_bars(bars: Progress, stages: dict[str, TaskID], iteration, progress,
 
 def iteration_rows(session: Session) -> list[dict[str, Any]]:
     """Per iteration: what `rewardranker status --json` and the run report show."""
-    rows = []
-    for iteration in session.scalars(select(Iteration).order_by(Iteration.number)):
-        progress = problem_progress(session, iteration)
-        verdicts = dict(
-            session.execute(
-                select(Execution.verdict, func.count())
-                .join(Candidate, Candidate.id == Execution.candidate_id)
-                .where(Candidate.iteration_id == iteration.id)
-                .group_by(Execution.verdict)
-            ).all()
-        )
-        reward_run = session.scalars(
-            select(TrainingRun)
-            .where(
-                TrainingRun.iteration_id == iteration.id,
-                TrainingRun.kind == RunKind.REWARD,
-                TrainingRun.status == RunStatus.SUCCEEDED,
-            )
-            .order_by(TrainingRun.id.desc())
-        ).first()
-        rows.append(
-            {
-                "number": iteration.number,
-                "status": iteration.status.value,
-                "problems": progress["problems"],
-                "candidates": progress["candidates"],
-                "executions": progress["executed"],
-                "verdicts": {verdict.value: count for verdict, count in verdicts.items()},
-                "hard_negatives": session.scalar(
-                    select(func.count())
-                    .select_from(HardNegativeLabel)
-                    .where(HardNegativeLabel.iteration_id == iteration.id)
-                ),
-                "reward_model_version": iteration.reward_model_version_id,
-                "generator_version": iteration.generator_version_id,
-                "dvc_tag": session.scalar(
-                    select(DatasetVersion.dvc_tag).where(
-                        DatasetVersion.iteration_id == iteration.id
-                    )
-                ),
-                "reward_accuracy": (
-                    reward_run.metrics.get("pairwise_accuracy") if reward_run else None
-                ),
-                "evaluation": iteration.metrics.get("evaluation", {}),
-            }
-        )
-    return rows
+    return [
+        {
+            **summary,
+            "problems": len(summary["params"].get("problem_ids", [])),
+            "reward_model_version": summary["reward_model_version_id"],
+            "generator_version": summary["generator_version_id"],
+            "evaluation": summary["metrics"].get("evaluation", {}),
+        }
+        for summary in iteration_summaries(session)
+    ]

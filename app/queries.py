@@ -26,6 +26,7 @@ from models import (
     Problem,
     Score,
     TrainingRun,
+    repository,
 )
 from models.enums import Language, ModelKind, ModelStatus, Origin, Verdict
 
@@ -507,65 +508,21 @@ def list_problems(
     return [problem_dict(problem) for problem in session.scalars(query)]
 
 
-def _counts_by_iteration(session: Session, query: Select) -> dict[int, int]:
-    return {iteration_id: count for iteration_id, count in session.execute(query)}
-
-
 def iteration_summaries(session: Session) -> list[dict[str, Any]]:
-    """Every iteration with its metrics, candidate and hard-negative counts and
-    verdict mix: what `GET /iterations`, the CLI and the report show."""
-    iterations = session.scalars(select(Iteration).order_by(Iteration.number)).all()
-    candidates = _counts_by_iteration(
-        session,
-        select(Candidate.iteration_id, func.count())
-        .where(Candidate.iteration_id.is_not(None))
-        .group_by(Candidate.iteration_id),
-    )
-    hard_negatives = _counts_by_iteration(
-        session,
-        select(
-            HardNegativeLabel.iteration_id,
-            func.count(func.distinct(HardNegativeLabel.candidate_id)),
-        )
-        .where(HardNegativeLabel.iteration_id.is_not(None))
-        .group_by(HardNegativeLabel.iteration_id),
-    )
-    verdicts: dict[int, dict[str, int]] = {}
-    # executions.iteration_id copies the candidate's, so this needs no join.
-    for iteration_id, verdict, count in session.execute(
-        select(Execution.iteration_id, Execution.verdict, func.count())
-        .where(Execution.iteration_id.is_not(None))
-        .group_by(Execution.iteration_id, Execution.verdict)
-    ):
-        verdicts.setdefault(iteration_id, {})[str(verdict)] = count
+    """The store's per-iteration summary with its headline metrics: what
+    `GET /iterations`, the CLI and the report show."""
     accuracies = {
         version_id: accuracy for version_id, _, accuracy in reward_model_accuracies(session)
     }
     return [
         {
-            **_iteration_dict(iteration),
+            **summary,
             "headline": headline_metrics(
-                iteration.metrics, accuracies.get(iteration.reward_model_version_id)
+                summary["metrics"], accuracies.get(summary["reward_model_version_id"])
             ),
-            "candidates": candidates.get(iteration.id, 0),
-            "hard_negatives": hard_negatives.get(iteration.id, 0),
-            "verdicts": verdicts.get(iteration.id, {}),
         }
-        for iteration in iterations
+        for summary in repository.iteration_summaries(session)
     ]
-
-
-def _iteration_dict(iteration: Iteration) -> dict[str, Any]:
-    return {
-        "number": iteration.number,
-        "status": str(iteration.status),
-        "generator_version_id": iteration.generator_version_id,
-        "reward_model_version_id": iteration.reward_model_version_id,
-        "params": iteration.params,
-        "metrics": iteration.metrics,
-        "created_at": iteration.created_at,
-        "finished_at": iteration.finished_at,
-    }
 
 
 def iteration_detail(session: Session, number: int) -> dict[str, Any] | None:

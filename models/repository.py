@@ -13,14 +13,14 @@ from operator import itemgetter
 from typing import Any
 
 import psycopg
-from sqlalchemy import Insert, Row, Table, func, select, text, tuple_
+from sqlalchemy import Insert, Row, Select, Table, func, select, text, tuple_
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from models.candidate import Candidate, Execution, HardNegativeLabel, Score
-from models.enums import ModelKind, ModelStatus, Verdict
-from models.training import Iteration, ModelVersion
+from models.enums import ModelKind, ModelStatus, RunKind, RunStatus, Verdict
+from models.training import DatasetVersion, Iteration, ModelVersion, TrainingRun
 
 # SQLite allows 32766 bound parameters per statement; an execution binds 11.
 _SQLITE_CHUNK = 2000
@@ -290,3 +290,64 @@ def problem_progress(session: Session, iteration: Iteration) -> dict[str, int]:
         "judgeable": judgeable,
         "scored": scored,
     }
+
+
+def _counts_by_iteration(session: Session, query: Select) -> dict[int, int]:
+    return {iteration_id: count for iteration_id, count in session.execute(query)}
+
+
+def iteration_summaries(session: Session) -> list[dict[str, Any]]:
+    """Every iteration with its candidate, execution and hard-negative counts, verdict
+    mix, dataset tag and the accuracy of the reward model trained at its end: the one
+    summary behind `rewardranker status`, `GET /iterations`, the dashboard and the report."""
+    iterations = session.scalars(select(Iteration).order_by(Iteration.number)).all()
+    candidates = _counts_by_iteration(
+        session,
+        select(Candidate.iteration_id, func.count())
+        .where(Candidate.iteration_id.is_not(None))
+        .group_by(Candidate.iteration_id),
+    )
+    hard_negatives = _counts_by_iteration(
+        session,
+        select(
+            HardNegativeLabel.iteration_id,
+            func.count(func.distinct(HardNegativeLabel.candidate_id)),
+        )
+        .where(HardNegativeLabel.iteration_id.is_not(None))
+        .group_by(HardNegativeLabel.iteration_id),
+    )
+    verdicts: dict[int, dict[str, int]] = {}
+    # executions.iteration_id copies the candidate's, so this needs no join.
+    for iteration_id, verdict, count in session.execute(
+        select(Execution.iteration_id, Execution.verdict, func.count())
+        .where(Execution.iteration_id.is_not(None))
+        .group_by(Execution.iteration_id, Execution.verdict)
+    ):
+        verdicts.setdefault(iteration_id, {})[str(verdict)] = count
+    tags = dict(session.execute(select(DatasetVersion.iteration_id, DatasetVersion.dvc_tag)).all())
+    trained = {}  # the last successful reward training of each iteration
+    for run in session.scalars(
+        select(TrainingRun)
+        .where(TrainingRun.kind == RunKind.REWARD, TrainingRun.status == RunStatus.SUCCEEDED)
+        .order_by(TrainingRun.id)
+    ):
+        trained[run.iteration_id] = run.metrics.get("pairwise_accuracy")
+    return [
+        {
+            "number": iteration.number,
+            "status": str(iteration.status),
+            "generator_version_id": iteration.generator_version_id,
+            "reward_model_version_id": iteration.reward_model_version_id,
+            "params": iteration.params,
+            "metrics": iteration.metrics,
+            "created_at": iteration.created_at,
+            "finished_at": iteration.finished_at,
+            "candidates": candidates.get(iteration.id, 0),
+            "executions": sum(verdicts.get(iteration.id, {}).values()),
+            "hard_negatives": hard_negatives.get(iteration.id, 0),
+            "verdicts": verdicts.get(iteration.id, {}),
+            "dvc_tag": tags.get(iteration.id),
+            "reward_accuracy": trained.get(iteration.id),
+        }
+        for iteration in iterations
+    ]

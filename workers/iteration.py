@@ -48,21 +48,28 @@ class FlywheelParams:
     """The size and knobs of one iteration, stored on its row so a resume uses the same."""
 
     backend: str = field(
-        default="transformers", metadata={"help": "Generation backend: transformers or mutation."}
+        default="transformers",
+        metadata={
+            "help": "transformers (CPU or GPU), vllm (GPU workers with the gpu extra) or mutation."
+        },
     )
-    candidates: int = field(default=8, metadata={"help": "Candidates sampled per problem."})
+    candidates: int = field(
+        # Four: the bundled model samples slowly on this project's 2-core machines.
+        default=4,
+        metadata={"help": "Candidates sampled per problem."},
+    )
     batch_size: int = field(default=2, metadata={"help": "Problems per generation task."})
     max_new_tokens: int = field(default=128, metadata={"help": "Token cap per sample."})
     prompt_style: str = field(
         default="auto",
-        metadata={"help": "Prompt format of generation and of the policy update on it."},
+        metadata={"help": "auto (chat if the model has a template), chat or completion."},
     )
     reward_epochs: int = field(default=1, metadata={"help": "Epochs of each reward training."})
     policy_steps: int = field(
         # One step: on the 2-core default machine each PPO step of the bundled
         # model costs minutes, and two made the default run miss 20 minutes.
         default=1,
-        metadata={"help": "PPO steps of the policy update; 0 skips the update."},
+        metadata={"help": "PPO steps per policy update; 0 skips it."},
     )
 
     @classmethod
