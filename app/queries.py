@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal
 
-from sqlalchemy import Select, and_, exists, func, select, tuple_
+from sqlalchemy import Select, and_, exists, select, tuple_
 from sqlalchemy.orm import Session
 
 from models import (
@@ -28,7 +28,8 @@ from models import (
     TrainingRun,
     repository,
 )
-from models.enums import Language, ModelKind, ModelStatus, Origin, Verdict
+from models.enums import Language, ModelKind, Origin, Verdict
+from models.repository import current_model
 
 CandidateSort = Literal["time", "-time", "score", "-score"]
 SORTS: tuple[str, ...] = ("time", "-time", "score", "-score")
@@ -155,20 +156,9 @@ def decode_cursor(cursor: str, sort: str) -> tuple[Any, int]:
     return key, candidate_id
 
 
-def latest_reward_version_id(session: Session) -> int | None:
-    return session.scalar(
-        select(func.max(ModelVersion.id)).where(ModelVersion.kind == ModelKind.REWARD)
-    )
-
-
-def current_model_version(session: Session, kind: ModelKind) -> ModelVersion | None:
-    """The newest ready model of a kind: what /solve and new iterations use."""
-    return session.scalars(
-        select(ModelVersion)
-        .where(ModelVersion.kind == kind, ModelVersion.status == ModelStatus.READY)
-        .order_by(ModelVersion.id.desc())
-        .limit(1)
-    ).first()
+def current_reward_version_id(session: Session) -> int | None:
+    version = current_model(session, ModelKind.REWARD)
+    return None if version is None else version.id
 
 
 def _is_hard_negative():
@@ -180,7 +170,7 @@ def candidate_select(
 ) -> tuple[Select, int | None]:
     """The filtered, sorted listing (without cursor or limit) and the reward
     model version whose scores it shows."""
-    rm_version = flt.reward_model_version_id or latest_reward_version_id(session)
+    rm_version = flt.reward_model_version_id or current_reward_version_id(session)
     score_join = and_(
         Score.candidate_id == Candidate.id, Score.reward_model_version_id == rm_version
     )
@@ -578,7 +568,7 @@ def score_samples(
 ) -> dict[str, list[float]]:
     """Scores of passing and failing candidates under one reward model version
     (the newest by default), at most `limit` of the newest scores."""
-    version = reward_model_version_id or latest_reward_version_id(session)
+    version = reward_model_version_id or current_reward_version_id(session)
     if version is None:
         return {"passing": [], "failing": []}
     rows = session.execute(

@@ -39,9 +39,8 @@ from models import (
     Problem,
     Score,
 )
-from models.enums import Verdict
 from models.repository import dialect_insert
-from pipelines.pairs import Executed, problem_pairs
+from pipelines.pairs import Executed, executed_candidates, problem_pairs
 
 DVC_YAML = Path(__file__).with_name("dvc.yaml")
 REPO_DIRNAME = "dvc-repo"
@@ -337,15 +336,8 @@ def _pair_rows(session: Session, in_scope: Select, number: int) -> Iterator[dict
         )
     }
     executed = session.execute(
-        select(
-            Candidate.problem_id,
-            Candidate.id,
-            Candidate.content_hash,
-            Candidate.code,
-            Execution.verdict,
-        )
-        .join(Execution, Execution.candidate_id == Candidate.id)
-        .where(Candidate.id.in_(in_scope), Execution.verdict != Verdict.SANDBOX_ERROR)
+        executed_candidates()
+        .where(Candidate.id.in_(in_scope))
         .order_by(Candidate.problem_id, Candidate.id)
         .execution_options(yield_per=_BATCH_ROWS)
     )

@@ -12,7 +12,7 @@ from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from sqlalchemy import select
+from sqlalchemy import Select, select
 from sqlalchemy.orm import Session
 
 from models import Candidate, Execution, HardNegativeLabel, Problem
@@ -78,6 +78,22 @@ def _round_robin(chosen: list, rejected: list, limit: int) -> list[tuple]:
     return pairs
 
 
+def executed_candidates() -> Select:
+    """(problem id, candidate id, content hash, code, verdict) of every candidate with
+    a verdict on its program: what the pairing rule reads."""
+    return (
+        select(
+            Candidate.problem_id,
+            Candidate.id,
+            Candidate.content_hash,
+            Candidate.code,
+            Execution.verdict,
+        )
+        .join(Execution, Execution.candidate_id == Candidate.id)
+        .where(Execution.verdict != Verdict.SANDBOX_ERROR)
+    )
+
+
 def build_pairs(
     session: Session,
     *,
@@ -87,16 +103,8 @@ def build_pairs(
     """Every pair in the store (or of `problem_ids`), problem by problem."""
     problems = select(Problem.id, Problem.prompt, Problem.reference_solution)
     candidates = (
-        select(
-            Candidate.problem_id,
-            Candidate.id,
-            Candidate.content_hash,
-            Candidate.code,
-            Execution.verdict,
-            Candidate.id.in_(select(HardNegativeLabel.candidate_id)).label("hard"),
-        )
-        .join(Execution, Execution.candidate_id == Candidate.id)
-        .where(Execution.verdict != Verdict.SANDBOX_ERROR)
+        executed_candidates()
+        .add_columns(Candidate.id.in_(select(HardNegativeLabel.candidate_id)).label("hard"))
         .order_by(Candidate.id)
     )
     if problem_ids is not None:
