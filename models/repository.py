@@ -7,6 +7,7 @@ On Postgres the rows travel by binary COPY into a temporary table and go on with
 one INSERT ... SELECT; on SQLite they are bound parameters, in chunks."""
 
 import hashlib
+import shutil
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from operator import itemgetter
@@ -251,6 +252,38 @@ def insert_hard_negative_labels(session: Session, rows: Sequence[dict[str, Any]]
         rows,
     )
     return len(written.all())
+
+
+def register_model_version(session: Session, version: ModelVersion) -> ModelVersion:
+    """Add a trained model's row (flush only). Its folder is already in place; if the
+    row cannot be added, the folder goes too, so there is no folder without its row."""
+    try:
+        session.add(version)
+        session.flush()
+    except BaseException:
+        if version.path:
+            shutil.rmtree(version.path, ignore_errors=True)  # the caller rolls the row back
+        raise
+    return version
+
+
+def insert_dataset_version(session: Session, **values: Any) -> DatasetVersion:
+    """Record an iteration's versioned dataset (flush only) and return its row. A
+    concurrent call for the same iteration that committed first keeps its row, and
+    this one returns it (ON CONFLICT DO NOTHING)."""
+    session.execute(
+        dialect_insert(session, DatasetVersion)
+        .values(**values)
+        .on_conflict_do_nothing(index_elements=["iteration_id"])
+    )
+    session.flush()
+    version = dataset_version(session, values["iteration_id"])
+    assert version is not None  # inserted above or by the concurrent winner
+    return version
+
+
+def dataset_version(session: Session, iteration_id: int) -> DatasetVersion | None:
+    return session.scalar(select(DatasetVersion).where(DatasetVersion.iteration_id == iteration_id))
 
 
 def current_model(session: Session, kind: ModelKind) -> ModelVersion | None:

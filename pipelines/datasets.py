@@ -39,7 +39,8 @@ from models import (
     Problem,
     Score,
 )
-from models.repository import dialect_insert
+from models.repository import dataset_version, insert_dataset_version
+from models.settings import get_settings
 from pipelines.pairs import Executed, executed_candidates, problem_pairs
 
 DVC_YAML = Path(__file__).with_name("dvc.yaml")
@@ -107,14 +108,12 @@ def version_iteration(
     local remote at `data_dir / "dvc-remote"`. Calling it again for a versioned
     iteration returns the existing row and changes nothing.
     """
-    existing = _dataset_version(session, iteration_id)
+    existing = dataset_version(session, iteration_id)
     if existing is not None:
         return existing
     iteration = session.get_one(Iteration, iteration_id)
     tag = iteration_tag(iteration.number)
     if remote is None:
-        from models.settings import get_settings
-
         remote = get_settings().dvc_remote
     data_dir = data_dir.resolve()
     root = data_dir / REPO_DIRNAME
@@ -127,28 +126,15 @@ def version_iteration(
         git_rev = _git(root, "rev-list", "-n", "1", tag)
         md5 = _dvc_md5(_git(root, "show", f"{tag}:{DATA_DIRNAME}.dvc"))
         counts = json.loads(_git(root, "show", f"{tag}:counts.json"))
-    # ON CONFLICT DO NOTHING: a concurrent call for the same iteration that
-    # committed first keeps its row, and this one returns it.
-    session.execute(
-        dialect_insert(session, DatasetVersion)
-        .values(
-            iteration_id=iteration_id,
-            dvc_tag=tag,
-            git_rev=git_rev,
-            md5=md5,
-            path=str(root / DATA_DIRNAME),
-            counts=counts,
-        )
-        .on_conflict_do_nothing(index_elements=["iteration_id"])
+    return insert_dataset_version(
+        session,
+        iteration_id=iteration_id,
+        dvc_tag=tag,
+        git_rev=git_rev,
+        md5=md5,
+        path=str(root / DATA_DIRNAME),
+        counts=counts,
     )
-    session.flush()
-    version = _dataset_version(session, iteration_id)
-    assert version is not None  # inserted above or by the concurrent winner
-    return version
-
-
-def _dataset_version(session: Session, iteration_id: int) -> DatasetVersion | None:
-    return session.scalar(select(DatasetVersion).where(DatasetVersion.iteration_id == iteration_id))
 
 
 @contextmanager

@@ -10,24 +10,18 @@ scoring share one encoding (`_encode`), so a score means the same in both.
 
 import json
 import random
-import shutil
 import time
-import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import torch
-from sqlalchemy.orm import Session
 from transformers import TrainerCallback, set_seed
 
-from models import ModelVersion
-from models.enums import ModelKind
 from models.settings import BUNDLED_MODEL
 from pipelines.loading import load_sequence_classifier, load_tokenizer
-from pipelines.pairs import Pair, build_pairs
+from pipelines.pairs import Pair
 
 Progress = Callable[[float], None]  # called with the fraction of training done, 0..1
 CONFIG_FILE = "reward_config.json"  # written beside the weights: config and metrics
@@ -313,48 +307,3 @@ def _held_out_metrics(scorer: RewardScorer, pairs: Sequence[Pair]) -> dict[str, 
         "pairwise_accuracy": sum(wins) / len(wins),
         "best_of_n_accuracy": sum(passed for _, passed in best.values()) / len(best),
     }
-
-
-def train_and_register_reward_model(
-    session: Session,
-    *,
-    config: RewardConfig,
-    data_dir: str | Path,
-    parent_id: int | None = None,
-    iteration_id: int | None = None,
-    progress: Progress | None = None,
-) -> ModelVersion:
-    """Train on every pair in the store and register the result (flush only).
-
-    The weights are written to a temporary folder and renamed into place before
-    the row is added, so a crash at any point leaves no registered half-model.
-    Training always starts from `config.backbone`; `parent_id` records lineage
-    (the version whose hard negatives fed this one).
-    """
-    pairs = build_pairs(session)
-    stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
-    iteration = f"it{iteration_id}-" if iteration_id is not None else ""
-    name = f"reward-{iteration}{stamp}-{uuid.uuid4().hex[:8]}"
-    folder = Path(data_dir).resolve() / "models" / "reward" / name
-    staging = folder.with_name(f".{name}.tmp")
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        metrics = train_reward_model(pairs, config, staging, progress=progress)
-        staging.rename(folder)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)  # gone already after a successful rename
-    version = ModelVersion(
-        kind=ModelKind.REWARD,
-        name=name,
-        parent_id=parent_id,
-        base_model=config.backbone,
-        path=str(folder),
-        metrics=metrics,  # the config is in the folder's reward_config.json
-    )
-    try:
-        session.add(version)
-        session.flush()
-    except BaseException:
-        shutil.rmtree(folder, ignore_errors=True)  # the caller rolls the row back
-        raise
-    return version

@@ -23,10 +23,10 @@ from typing import Any
 from sqlalchemy import func, or_, select, update
 from sqlalchemy.orm import Session
 
-from models import DatasetVersion, HardNegativeLabel, Iteration, ModelVersion, Problem, TrainingRun
+from models import HardNegativeLabel, Iteration, ModelVersion, Problem, TrainingRun
 from models.base import utcnow
 from models.enums import IterationStatus, ModelKind, RunKind, RunStatus
-from models.repository import current_model, problem_progress
+from models.repository import current_model, dataset_version, problem_progress
 from models.settings import get_settings
 from workers.after_commit import enqueue_after_commit
 from workers.celery_app import celery
@@ -256,12 +256,7 @@ def advance_iteration(session: Session, iteration_id: int) -> IterationStatus:
             return iteration.status
         iteration.status = IterationStatus.TRAINING
     if iteration.status == IterationStatus.TRAINING:
-        if (
-            session.scalar(
-                select(DatasetVersion.id).where(DatasetVersion.iteration_id == iteration_id)
-            )
-            is None
-        ):
+        if dataset_version(session, iteration_id) is None:
             _send(session, VERSION_DATASET, iteration_id)
             return iteration.status
         runs = _runs(session, iteration_id, RunKind.POLICY)

@@ -6,14 +6,18 @@ what is trained and on what is here."""
 
 import logging
 import traceback
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from models import (
     Candidate,
-    DatasetVersion,
     Execution,
     Iteration,
     ModelVersion,
@@ -22,10 +26,19 @@ from models import (
 )
 from models.db import session_scope
 from models.enums import ModelKind, Origin, RunKind
-from models.repository import content_hash, current_model, insert_candidates, insert_executions
+from models.repository import (
+    content_hash,
+    current_model,
+    dataset_version,
+    insert_candidates,
+    insert_executions,
+    register_model_version,
+)
 from models.settings import get_settings
 from pipelines.generation import PromptSpec
-from pipelines.reward_model import RewardConfig, train_and_register_reward_model
+from pipelines.loading import write_then_rename
+from pipelines.pairs import build_pairs
+from pipelines.reward_model import RewardConfig, train_reward_model
 from workers import iteration as iterations
 from workers.celery_app import RETRY, celery
 from workers.execution import execution_row, run_with_retries
@@ -33,6 +46,9 @@ from workers.generation import generator_for
 from workers.iteration import FlywheelParams
 from workers.names import RUN_TRAINING, VERSION_DATASET
 from workers.runs import Heartbeat, claim_run, fail_run, keep_alive, succeed_run
+
+if TYPE_CHECKING:  # torch and TRL load when a policy update runs, not with the worker
+    from pipelines.policy import PolicyConfig
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +135,7 @@ def store_warm_start_candidates(session: Session, iteration_id: int) -> int:
 def _train_policy(
     session: Session, run: TrainingRun, progress: Callable[[float], None]
 ) -> ModelVersion:
-    from pipelines.policy import PolicyConfig, train_and_register_policy
+    from pipelines.policy import PolicyConfig
 
     iteration = session.get(Iteration, run.iteration_id)
     params = FlywheelParams.from_dict(iteration.params)  # what the iteration generated with
@@ -147,11 +163,104 @@ def version_dataset_once(session: Session, iteration_id: int) -> None:
     """Export and DVC-tag the iteration's data, once."""
     from pipelines.datasets import version_iteration
 
-    exists = session.scalar(
-        select(DatasetVersion.id).where(DatasetVersion.iteration_id == iteration_id)
-    )
-    if exists is None:
+    if dataset_version(session, iteration_id) is None:
         version_iteration(session, iteration_id, data_dir=get_settings().data_dir)
+
+
+# --- train in staging, rename, register ----------------------------------------------
+
+
+def train_and_register_reward_model(
+    session: Session,
+    *,
+    config: RewardConfig,
+    data_dir: str | Path,
+    parent_id: int | None = None,
+    iteration_id: int | None = None,
+    progress: Callable[[float], None] | None = None,
+) -> ModelVersion:
+    """Train on every pair in the store and register the result (flush only).
+
+    The weights are written to a temporary folder and renamed into place before
+    the row is added, so a crash at any point leaves no registered half-model.
+    Training always starts from `config.backbone`; `parent_id` records lineage
+    (the version whose hard negatives fed this one).
+    """
+    pairs = build_pairs(session)
+    stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
+    iteration = f"it{iteration_id}-" if iteration_id is not None else ""
+    name = f"reward-{iteration}{stamp}-{uuid.uuid4().hex[:8]}"
+    folder = Path(data_dir).resolve() / "models" / "reward" / name
+    metrics = write_then_rename(
+        folder, lambda staging: train_reward_model(pairs, config, staging, progress=progress)
+    )
+    version = ModelVersion(
+        kind=ModelKind.REWARD,
+        name=name,
+        parent_id=parent_id,
+        base_model=config.backbone,
+        path=str(folder),
+        metrics=metrics,  # the config is in the folder's reward_config.json
+    )
+    return register_model_version(session, version)
+
+
+def train_and_register_policy(
+    session: Session,
+    *,
+    generator_version: ModelVersion,
+    reward_version: ModelVersion,
+    prompts: Sequence[PromptSpec],
+    config: "PolicyConfig",
+    data_dir: Path,
+    iteration_id: int | None = None,
+    progress: Callable[[float], None] | None = None,
+    tests: Mapping[int, str] | None = None,
+) -> ModelVersion:
+    """Update `generator_version` against `reward_version` and register the result as a
+    new generator version (flush only: the caller commits). A failure registers nothing
+    and leaves no folder behind."""
+    from pipelines.policy import update_policy
+
+    if generator_version.kind != ModelKind.GENERATOR:
+        raise ValueError(
+            f"model version {generator_version.id} is a {generator_version.kind} model, "
+            "not a generator"
+        )
+    if reward_version.kind != ModelKind.REWARD:
+        raise ValueError(
+            f"model version {reward_version.id} is a {reward_version.kind} model, "
+            "not a reward model"
+        )
+    name = f"generator-{config.algo}-{uuid.uuid4().hex[:12]}"
+    folder = (Path(data_dir) / "models" / "generators" / name).resolve()
+    metrics = write_then_rename(
+        folder,
+        lambda staging: update_policy(
+            # a version without a path is its base model as is
+            generator=generator_version.path or generator_version.base_model,
+            reward_model=reward_version.path or reward_version.base_model,
+            prompts=prompts,
+            config=config,
+            output_dir=staging,
+            progress=progress,
+            tests=tests,
+        ),
+    )
+    version = ModelVersion(
+        kind=ModelKind.GENERATOR,
+        name=name,
+        parent_id=generator_version.id,
+        base_model=generator_version.base_model,
+        path=str(folder),
+        metrics={
+            **metrics,
+            "reward_version_id": reward_version.id,
+            "iteration_id": iteration_id,
+            "config": asdict(config),
+        },
+    )
+    return register_model_version(session, version)
 
 
 @celery.task(name=RUN_TRAINING, acks_late=False, time_limit=TRAINING_TIME_LIMIT_S, **RETRY)

@@ -17,10 +17,10 @@ from pipelines.reward_model import (
     RewardScorer,
     reward_text,
     split_by_problem,
-    train_and_register_reward_model,
     train_reward_model,
 )
 from tests.factories import make_candidate, make_model_version, make_problem
+from workers.training import train_and_register_reward_model
 
 
 def separable_pairs(problems: int = 40) -> list[Pair]:
