@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal
 
+from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import Select, and_, exists, select, tuple_
 from sqlalchemy.orm import Session
 
@@ -102,26 +103,37 @@ class QueryError(ValueError):
     """A query that cannot be answered as asked (a bad cursor, an unknown version)."""
 
 
-@dataclass(frozen=True)
-class CandidateFilter:
-    """What `GET /candidates`, `rewardranker candidates list` and the dashboard filter on.
+INT32 = 2**31 - 1
+
+
+class CandidateFilter(BaseModel):
+    """What `GET /candidates`, `rewardranker candidates list` and the dashboard filter
+    on, with each filter's bounds: the API takes it as its query parameters, the CLI
+    builds it from its options.
 
     Scores come from one reward model version: `reward_model_version_id`, or the
     newest reward model when it is None. Sorting by score, or a score range,
     lists only candidates that version has scored.
     """
 
-    problem_id: int | None = None
+    model_config = ConfigDict(frozen=True)
+
+    problem_id: int | None = Field(None, ge=1, le=INT32)
     language: Language | None = None
-    iteration: int | None = None  # the iteration's number, as in /iterations/{n}
+    iteration: int | None = Field(None, ge=0, le=INT32, description="Iteration number.")
     verdict: Verdict | None = None
     hard_negative: bool | None = None  # labelled by any reward model version
     origin: Origin | None = None
-    generator_version_id: int | None = None
-    reward_model_version_id: int | None = None
-    min_score: float | None = None
-    max_score: float | None = None
-    sort: CandidateSort = "-time"
+    generator_version_id: int | None = Field(None, ge=1, le=INT32)
+    reward_model_version_id: int | None = Field(
+        None, ge=1, le=INT32, description="Whose scores to show and filter on; default the newest."
+    )
+    min_score: float | None = Field(None, allow_inf_nan=False)
+    max_score: float | None = Field(None, allow_inf_nan=False)
+    sort: CandidateSort = Field(
+        "-time",
+        description="time or score, '-' for descending; score lists scored candidates only.",
+    )
 
     @property
     def needs_score(self) -> bool:

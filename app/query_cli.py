@@ -6,7 +6,7 @@ import json
 import sys
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any, cast
+from typing import Annotated, Any
 
 import typer
 from pydantic import ValidationError
@@ -106,19 +106,26 @@ def candidates_list(
     if sort not in queries.SORTS:
         err_console.print(f"error: --sort must be one of {', '.join(queries.SORTS)}, got {sort!r}")
         raise typer.Exit(2)
-    flt = queries.CandidateFilter(
-        problem_id=problem_id,
-        language=language,
-        iteration=iteration,
-        verdict=verdict,
-        hard_negative=hard_negative,
-        origin=origin,
-        generator_version_id=generator_version,
-        reward_model_version_id=reward_version,
-        min_score=min_score,
-        max_score=max_score,
-        sort=cast(queries.CandidateSort, sort),  # checked against SORTS above
-    )
+    try:
+        flt = queries.CandidateFilter(
+            problem_id=problem_id,
+            language=language,
+            iteration=iteration,
+            verdict=verdict,
+            hard_negative=hard_negative,
+            origin=origin,
+            generator_version_id=generator_version,
+            reward_model_version_id=reward_version,
+            min_score=min_score,
+            max_score=max_score,
+            sort=sort,
+        )
+    except ValidationError as error:  # the filter's bounds, as the API applies them
+        for problem in error.errors():
+            err_console.print(
+                f"error: --{str(problem['loc'][0]).replace('_', '-')}: {problem['msg']}"
+            )
+        raise typer.Exit(2) from None
     migrate.upgrade()
     with session_scope() as session:
         try:
