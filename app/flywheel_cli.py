@@ -33,7 +33,7 @@ from models.db import session_scope
 from models.enums import IterationStatus, ModelKind, RunKind, RunStatus
 from models.repository import current_model, iteration_summaries, problem_progress
 from models.settings import get_settings
-from workers.iteration import FlywheelParams, blocked_reason, next_problems, open_iteration
+from workers.iteration import FlywheelParams, blocked_reason, iteration_to_follow
 from workers.names import QUEUES
 from workers.reconcile import reconcile
 
@@ -317,25 +317,13 @@ def _drive(
     """Finish any unfinished iteration, then open new ones until done."""
     while True:
         with session_scope() as session:
-            unfinished = session.scalar(
-                select(Iteration.id)
-                .where(Iteration.status != IterationStatus.DONE)
-                .order_by(Iteration.number)
+            iteration_id, resumed = iteration_to_follow(
+                session, params, size=size, iterations=iterations, continuous=continuous
             )
-            done = session.scalar(
-                select(func.count())
-                .select_from(Iteration)
-                .where(Iteration.status == IterationStatus.DONE)
-            )
+        if iteration_id is not None:
             # An iteration left unfinished by an earlier, interrupted run: its lost
             # messages are re-enqueued before waiting on it.
-            resumed = unfinished is not None
-            if unfinished is None and (continuous or done < iterations):
-                problem_ids = next_problems(session, size, fresh_only=continuous and done > 0)
-                if problem_ids:
-                    unfinished = open_iteration(session, problem_ids, params).id
-        if unfinished is not None:
-            wait_for_iteration(unfinished, reconcile_first=resumed, own_since=own_since)
+            wait_for_iteration(iteration_id, reconcile_first=resumed, own_since=own_since)
         elif continuous:
             time.sleep(10)  # waiting for new problems
         else:
@@ -370,10 +358,7 @@ def wait_for_iteration(
         TextColumn("{task.description:<28}"), BarColumn(), MofNCompleteColumn(),
         TimeElapsedColumn(), console=console, disable=not show,
     ) as bars:  # fmt: skip
-        stages = {
-            name: bars.add_task(name, total=None)
-            for name in ("generation", "execution", "labeling", "training")
-        }
+        stages = {name: bars.add_task(name, total=None) for name in QUEUES}
         while True:
             if timeout_s is not None and time.monotonic() - started > timeout_s:
                 raise TimeoutError(f"iteration {iteration_id} not done after {timeout_s:.0f}s")

@@ -81,7 +81,7 @@ def run(problems: int, candidates: int, data_dir: Path) -> None:
     from models.db import session_scope
     from models.enums import ModelKind
     from workers.iteration import FlywheelParams, open_iteration
-    from workers.names import QUEUES
+    from workers.names import QUEUES, TRAINING
     from workers.processes import kill_worker, start_worker, stop_workers
 
     migrate.upgrade()
@@ -103,7 +103,7 @@ def run(problems: int, candidates: int, data_dir: Path) -> None:
             iteration = open_iteration(session, problem_ids, params)
         wait_until_collected(iteration.id)
         # The retraining it triggers would compete for the CPU with what follows.
-        kill_worker(workers[QUEUES.index("training")])
+        kill_worker(workers[QUEUES.index(TRAINING)])
         with session_scope() as session:
             in_iteration = Candidate.iteration_id == iteration.id
             first_candidate, last_candidate, total = session.execute(
@@ -195,10 +195,11 @@ def wait_until_collected(iteration_id: int) -> None:
 def wait_ready(queues) -> None:
     """Until every queue's worker has consumed a no-op."""
     from workers.celery_app import celery
+    from workers.names import NOOP
 
     client = redis.Redis.from_url(BROKER)
     for queue in queues:
-        celery.signature("execution.noop").apply_async(queue=queue)
+        celery.signature(NOOP).apply_async(queue=queue)
     while any(client.llen(q) for q in queues) or client.hlen("unacked"):
         time.sleep(0.2)
 
@@ -206,12 +207,13 @@ def wait_ready(queues) -> None:
 def noop_throughput(count: int) -> float:
     """No-op tasks per second through the same broker, one execution worker, acks_late."""
     from workers.celery_app import celery
+    from workers.names import EXECUTION, NOOP
 
     client = redis.Redis.from_url(BROKER)
     started = time.perf_counter()
     for _ in range(count):
-        celery.signature("execution.noop").apply_async()
-    while client.llen("execution") or client.hlen("unacked"):
+        celery.signature(NOOP).apply_async()
+    while client.llen(EXECUTION) or client.hlen("unacked"):
         time.sleep(0.05)
     return count / (time.perf_counter() - started)
 

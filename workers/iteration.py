@@ -159,6 +159,30 @@ def send_generation(session: Session, iteration: Iteration, problem_ids: list[in
     return len(batches)
 
 
+def iteration_to_follow(
+    session: Session, params: FlywheelParams, *, size: int, iterations: int, continuous: bool
+) -> tuple[int | None, bool]:
+    """The iteration a driver follows next and whether it resumes one: the oldest
+    unfinished iteration, else a new one over `size` problems while fewer than
+    `iterations` are done (with `continuous`, always, over problems no iteration
+    used yet after the first); (None, False) when there is nothing to run."""
+    unfinished = session.scalar(
+        select(Iteration.id)
+        .where(Iteration.status != IterationStatus.DONE)
+        .order_by(Iteration.number)
+    )
+    if unfinished is not None:
+        return unfinished, True
+    done = session.scalar(
+        select(func.count()).select_from(Iteration).where(Iteration.status == IterationStatus.DONE)
+    )
+    if continuous or done < iterations:
+        problem_ids = next_problems(session, size, fresh_only=continuous and done > 0)
+        if problem_ids:
+            return open_iteration(session, problem_ids, params).id, False
+    return None, False
+
+
 def next_problems(session: Session, size: int, *, fresh_only: bool) -> list[int]:
     """The first `size` problems with tests; with `fresh_only`, only problems no
     iteration has used yet."""
