@@ -107,3 +107,24 @@ def test_the_checks_see_imports_inside_functions(tmp_path):
     source = tmp_path / "module.py"
     source.write_text("def f():\n    from workers.runs import enqueue_training\n")
     assert _imports("models.example", source, {"workers.runs", "workers"}) == {"workers.runs"}
+
+
+SENDS = {"enqueue_after_commit", "signature", "apply_async", "delay", "si", "s", "send_task"}
+SENDERS = {
+    "workers.iteration",  # the state machine: every pipeline step
+    "workers.runs",  # a training run's own task, once its row exists
+    "workers.after_commit",  # the buffer both of them send through
+}
+
+
+def test_only_the_state_machine_and_the_run_lifecycle_send_tasks():
+    """Tasks never chain each other by hand: one decider sends what runs next."""
+    senders = set()
+    for name, path in _modules().items():
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Call):
+                called = node.func.attr if isinstance(node.func, ast.Attribute) else None
+                called = called or (node.func.id if isinstance(node.func, ast.Name) else None)
+                if called in SENDS and name not in SENDERS:
+                    senders.add(f"{name}:{node.lineno} {called}")
+    assert sorted(senders) == []
