@@ -26,7 +26,12 @@ from sqlalchemy.orm import Session
 from models import HardNegativeLabel, Iteration, ModelVersion, Problem, TrainingRun
 from models.base import utcnow
 from models.enums import IterationStatus, ModelKind, RunKind, RunStatus
-from models.repository import current_model, dataset_version, problem_progress
+from models.repository import (
+    current_model,
+    dataset_version,
+    problem_progress,
+    register_model_version,
+)
 from models.settings import get_settings
 from workers.after_commit import enqueue_after_commit
 from workers.celery_app import celery
@@ -103,9 +108,9 @@ def _generator_version(session: Session) -> ModelVersion:
     version = current_model(session, ModelKind.GENERATOR)
     if version is None:
         spec = get_settings().generator_model
-        version = ModelVersion(kind=ModelKind.GENERATOR, name="base", base_model=spec, path=None)
-        session.add(version)
-        session.flush()
+        version = register_model_version(
+            session, ModelVersion(kind=ModelKind.GENERATOR, name="base", base_model=spec, path=None)
+        )
     return version
 
 
