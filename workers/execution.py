@@ -12,8 +12,8 @@ from models.repository import insert_executions
 
 # Imported here, once, in the worker's parent process before it forks its pool.
 from pipelines.sandbox import Job, run_batch
-from workers import iteration
 from workers.celery_app import RETRY, celery
+from workers.iteration import after_execution
 from workers.names import EXECUTE_PROBLEM, NOOP
 
 SANDBOX_ATTEMPTS = 3
@@ -88,7 +88,7 @@ def run_with_retries(codes: list[str], problem: Problem) -> list[tuple[Any, int]
 def execute_problem(iteration_id: int, problem_id: int) -> None:
     with session_scope() as session:
         execute_candidates(session, iteration_id, problem_id)
-        iteration.after_execution(session, iteration_id, problem_id)
+        after_execution(session, iteration_id, problem_id)
 
 
 @celery.task(name=NOOP)

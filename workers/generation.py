@@ -13,9 +13,8 @@ from models.repository import insert_candidates
 # The stage's heavy imports (torch, transformers) happen here, once, in the worker's
 # parent process before it forks its pool, instead of in the first task each runs.
 from pipelines.generation import GenerationConfig, PromptSpec, make_generator
-from workers import iteration
 from workers.celery_app import RETRY, celery
-from workers.iteration import FlywheelParams, lock_iteration
+from workers.iteration import FlywheelParams, after_generation, lock_iteration
 from workers.names import GENERATE_BATCH
 
 
@@ -26,7 +25,6 @@ def generator_for(
     backend: str, model: str, seed: int, max_new_tokens: int, prompt_style: str = "auto"
 ):
     """One generator per worker process and configuration: loading a model is slow."""
-
     return make_generator(
         GenerationConfig(
             backend=backend,
@@ -85,4 +83,4 @@ def generate_candidates(session: Session, iteration_id: int, problem_ids: list[i
 def generate_batch(iteration_id: int, problem_ids: list[int]) -> None:
     with session_scope() as session:
         done = generate_candidates(session, iteration_id, problem_ids)
-        iteration.after_generation(session, iteration_id, done)
+        after_generation(session, iteration_id, done)

@@ -14,8 +14,8 @@ from models.repository import insert_hard_negative_labels, insert_scores
 # Imported here, once, in the worker's parent process before it forks its pool.
 from pipelines.mining import MiningPolicy, ScoredCandidate, mine_hard_negatives
 from pipelines.reward_model import RewardScorer
-from workers import iteration
 from workers.celery_app import RETRY, celery
+from workers.iteration import advance_iteration, maybe_trigger_retraining
 from workers.names import LABEL_PROBLEM
 
 
@@ -95,8 +95,8 @@ def _unexecuted(session: Session, iteration_id: int, problem_id: int) -> int:
 def label_problem(iteration_id: int, problem_id: int) -> None:
     with session_scope() as session:
         label_candidates(session, iteration_id, problem_id)
-        iteration.maybe_trigger_retraining(session, iteration_id)
+        maybe_trigger_retraining(session, iteration_id)
     # A separate unit of work: the labels stay committed even if advancing waits
     # on the iteration lock and fails.
     with session_scope() as session:
-        iteration.advance_iteration(session, iteration_id)
+        advance_iteration(session, iteration_id)

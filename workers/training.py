@@ -39,11 +39,10 @@ from pipelines.generation import PromptSpec
 from pipelines.loading import write_then_rename
 from pipelines.pairs import build_pairs
 from pipelines.reward_model import RewardConfig, train_reward_model
-from workers import iteration as iterations
 from workers.celery_app import RETRY, celery
 from workers.execution import execution_row, run_with_retries
 from workers.generation import generator_for
-from workers.iteration import FlywheelParams
+from workers.iteration import FlywheelParams, advance_iteration
 from workers.names import RUN_TRAINING, VERSION_DATASET
 from workers.runs import Heartbeat, claim_run, fail_run, keep_alive, succeed_run
 
@@ -283,7 +282,7 @@ def run_training(run_id: int) -> None:
         return
     if iteration_id is not None:
         with session_scope() as session:
-            iterations.advance_iteration(session, iteration_id)
+            advance_iteration(session, iteration_id)
 
 
 @celery.task(name=VERSION_DATASET, **RETRY)
@@ -291,4 +290,4 @@ def version_dataset(iteration_id: int) -> None:
     with session_scope() as session:
         version_dataset_once(session, iteration_id)
     with session_scope() as session:
-        iterations.advance_iteration(session, iteration_id)
+        advance_iteration(session, iteration_id)
