@@ -10,7 +10,6 @@ from sqlalchemy import func, select
 from app import migrate
 from app.console import console, err_console
 from app.dataset_cli import dataset_app
-from app.db import session_scope
 from app.flywheel_cli import evaluate, flywheel_app, status, train_app, worker
 from app.problem_import import (
     SplitLeak,
@@ -21,9 +20,10 @@ from app.problem_import import (
 )
 from app.query_cli import api, candidates_app, iterations, models, report
 from app.sandbox_cli import sandbox_app
-from app.settings import get_settings
 from models import Candidate, Execution, HardNegativeLabel, Iteration, ModelVersion, Problem
+from models.db import session_scope
 from models.enums import Split
+from models.settings import get_settings
 
 app = typer.Typer(
     help="RewardRanker flywheel: generate, execute, rerank, retrain.", no_args_is_help=True

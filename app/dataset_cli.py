@@ -1,7 +1,6 @@
 """`rewardranker dataset ...`: the DVC-versioned datasets of the iterations."""
 
 import json
-import shutil
 from pathlib import Path
 from typing import Annotated
 
@@ -11,9 +10,9 @@ from sqlalchemy import select
 
 from app import migrate
 from app.console import console, err_console
-from app.db import session_scope
-from app.settings import get_settings
 from models import DatasetVersion, Iteration
+from models.db import session_scope
+from models.settings import get_settings
 
 dataset_app = typer.Typer(help="DVC-versioned datasets of the iterations.", no_args_is_help=True)
 
@@ -78,7 +77,9 @@ def train_reward(
     """Train a reward model on a pairs Parquet file (the `dvc repro` stage)."""
     import pyarrow.parquet as pq
 
-    from pipelines.reward_model import Pair, RewardConfig, train_reward_model
+    from pipelines.loading import write_then_rename
+    from pipelines.pairs import Pair
+    from pipelines.reward_model import RewardConfig, train_reward_model
 
     columns = ["problem_id", "prompt", "chosen", "rejected"]
     rows = pq.read_table(pairs, columns=columns).to_pylist()
@@ -88,13 +89,9 @@ def train_reward(
     config = RewardConfig(
         backbone=backbone or get_settings().reward_model, epochs=epochs, seed=seed
     )
-    # Train beside the destination and move into place: a crash never leaves a
-    # half-written model where a finished one is expected.
-    staging = out.with_name(f"{out.name}.partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    result = train_reward_model([Pair(**row) for row in rows], config, staging)
-    shutil.rmtree(out, ignore_errors=True)
-    staging.rename(out)
+    result = write_then_rename(
+        out, lambda staging: train_reward_model([Pair(**row) for row in rows], config, staging)
+    )
     if metrics is not None:
         metrics.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
     console.print(f"trained on {len(rows)} pairs: {result}")

@@ -2,6 +2,7 @@
 
 import json
 import time
+from dataclasses import fields
 from datetime import datetime, timedelta
 from importlib.util import find_spec
 from typing import Annotated, Any
@@ -17,24 +18,26 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 from rich.table import Table
-from sqlalchemy import func, or_, select
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
 
 from app import migrate
 from app.console import console, err_console
-from app.db import session_scope
-from app.flywheel import (
-    FlywheelParams,
-    blocked_reason,
-    iteration_rows,
-    open_iteration,
-    problem_progress,
-    reconcile,
-)
 from app.queries import held_out_table
-from app.settings import get_settings
-from models import Evaluation, Iteration, ModelVersion, Problem, TrainingRun
+from models import (
+    Evaluation,
+    Iteration,
+    Problem,
+    TrainingRun,
+)
 from models.base import utcnow
-from models.enums import EvaluationStatus, IterationStatus, ModelKind, RunKind, RunStatus, Split
+from models.db import session_scope
+from models.enums import EvaluationStatus, IterationStatus, ModelKind, RunKind, RunStatus
+from models.repository import current_model, iteration_summaries, problem_progress
+from models.settings import get_settings
+from workers.iteration import FlywheelParams, blocked_reason, iteration_to_follow
+from workers.names import QUEUES
+from workers.reconcile import reconcile
 
 flywheel_app = typer.Typer(help="The flywheel's main job.", no_args_is_help=True)
 train_app = typer.Typer(help="Enqueue a training onto the `training` queue.", no_args_is_help=True)
@@ -47,15 +50,16 @@ cores): reconciling while a task is merely slow re-sends its follow-ups, which i
 harmless but wasted work."""
 STALE_RUN = timedelta(minutes=10)
 """A running training whose heartbeat is older than this lost its worker."""
-QUEUE_GROUPS = (("generation",), ("execution",), ("labeling",), ("training",))
+QUEUE_GROUPS = tuple((queue,) for queue in QUEUES)
+"""One worker process per queue."""
 
 
 # --- worker ------------------------------------------------------------------------
 
 
 def worker(
-    queues: Annotated[str, typer.Option(help="Comma-separated queues to consume.")] = (
-        "generation,execution,labeling,training"
+    queues: Annotated[str, typer.Option(help="Comma-separated queues to consume.")] = ",".join(
+        QUEUES
     ),
     concurrency: Annotated[int, typer.Option(min=1, help="Pool processes.")] = 1,
     pool: Annotated[str, typer.Option(help="prefork, solo or threads.")] = "prefork",
@@ -86,7 +90,7 @@ def worker(
 
 
 def _enqueue_and_follow(kind: RunKind, wait: bool) -> None:
-    from workers.control import enqueue_training, follow_run
+    from workers.runs import enqueue_training, follow_run
 
     migrate.upgrade()
     with session_scope() as session:
@@ -150,10 +154,15 @@ def evaluate(
     """Evaluate iteration N's models on the held-out problems, in this process.
 
     A finished evaluation has its metrics recomputed from its stored samples; an
-    unfinished or missing one is completed (sampling, executing, scoring); then
-    the held-out table is printed. Running it twice changes nothing.
+    unfinished or missing one is completed (sampling, executing, scoring: what the
+    queues' tasks do); then the held-out table is printed. Running it twice changes
+    nothing.
     """
-    from workers.evaluation import evaluation_metrics, open_evaluation, run_inline
+    from workers.evaluation import batches, evaluation_metrics, finish_evaluation
+    from workers.execution import execute_drawn_programs
+    from workers.generation import draw_evaluation_samples
+    from workers.iteration import advance_iteration, start_evaluation
+    from workers.labeling import score_drawn_programs
 
     migrate.upgrade()
     with session_scope() as session:
@@ -163,8 +172,7 @@ def evaluate(
             if owner is None:
                 err_console.print(f"error: no iteration {max(iteration, 1)} in the store")
                 raise typer.Exit(1)
-            params = FlywheelParams.from_dict(owner.params)
-            evaluation = open_evaluation(session, iteration, owner, params, enqueue=False)
+            evaluation = start_evaluation(session, iteration, owner, enqueue=False)
             if evaluation is None:
                 err_console.print(
                     f"error: nothing to evaluate for iteration {iteration}: its reward model "
@@ -172,13 +180,28 @@ def evaluate(
                     "(see `rewardranker problems split`)"
                 )
                 raise typer.Exit(1)
-        evaluation_id = evaluation.id
-    with session_scope() as session:
-        evaluation = session.get(Evaluation, evaluation_id)
-        if evaluation.status == EvaluationStatus.DONE:
+        evaluation_id, problem_ids = evaluation.id, evaluation.params["problem_ids"]
+        finished = evaluation.status == EvaluationStatus.DONE
+    if finished:
+        with session_scope() as session:
+            evaluation = session.get(Evaluation, evaluation_id)
             evaluation.metrics = evaluation_metrics(session, evaluation)
-        else:
-            run_inline(session, evaluation_id)
+    else:  # each step its own transaction, as a task's would be
+        for batch in batches(evaluation, problem_ids):
+            with session_scope() as session:
+                draw_evaluation_samples(session, evaluation_id, batch)
+        for problem_id in problem_ids:
+            with session_scope() as session:
+                execute_drawn_programs(session, evaluation_id, problem_id)
+            with session_scope() as session:
+                score_drawn_programs(session, evaluation_id, problem_id)
+        with session_scope() as session:
+            if not finish_evaluation(session, evaluation_id):
+                err_console.print(f"error: evaluation {iteration} is still incomplete")
+                raise typer.Exit(1)
+        with session_scope() as session:  # an iteration waiting on it may now be done
+            advance_iteration(session, session.get(Evaluation, evaluation_id).iteration_id)
+    with session_scope() as session:
         table = held_out_table(session)
     print_held_out(table)
 
@@ -188,17 +211,11 @@ def evaluate(
 
 def status_report() -> dict[str, Any]:
     """Queues, iterations, counts and current models as one JSON-ready object."""
-    from workers.celery_app import QUEUES, celery
+    from workers.celery_app import celery
 
     with session_scope() as session:
-        models = {
-            kind.value: session.scalars(
-                select(ModelVersion.id)
-                .where(ModelVersion.kind == kind)
-                .order_by(ModelVersion.id.desc())
-            ).first()
-            for kind in ModelKind
-        }
+        current = {kind: current_model(session, kind) for kind in ModelKind}
+        models = {kind.value: version and version.id for kind, version in current.items()}
         runs = [
             {"id": r.id, "kind": r.kind.value, "status": r.status.value, "progress": r.progress,
              "iteration_id": r.iteration_id, "error": r.error}
@@ -304,33 +321,32 @@ def _fmt(value: float | None) -> str:
 
 
 def _help(name: str) -> str:
-    """A FlywheelParams field's help text: the one place each knob is described."""
-    return FlywheelParams.__dataclass_fields__[name].metadata["help"]
+    """The help text of a `FlywheelParams` field: its one home."""
+    return next(f for f in fields(FlywheelParams) if f.name == name).metadata["help"]
 
 
 @flywheel_app.command("run")
 def flywheel_run(
-    backend: Annotated[
-        str,
-        typer.Option(
-            help="transformers (CPU or GPU), vllm (GPU workers with the gpu extra) or mutation."
-        ),
-    ] = "transformers",
+    backend: Annotated[str, typer.Option(help=_help("backend"))] = FlywheelParams.backend,
     prompt_style: Annotated[
-        str, typer.Option(help="auto (chat if the model has a template), chat or completion.")
-    ] = "auto",
+        str, typer.Option(help=_help("prompt_style"))
+    ] = FlywheelParams.prompt_style,
     # The default fits this project's 2-core CPU machines (the bundled model samples
     # slowly there); raise the sizes for bigger runs.
     problems: Annotated[int, typer.Option(min=1, help="Problems per iteration.")] = 4,
-    candidates: Annotated[int, typer.Option(min=1, help="Candidates per problem.")] = 4,
+    candidates: Annotated[
+        int, typer.Option(min=1, help=_help("candidates"))
+    ] = FlywheelParams.candidates,
     iterations: Annotated[
         int, typer.Option(min=1, help="Stop once this many iterations are done.")
     ] = 2,
     continuous: Annotated[bool, typer.Option(help="Keep going as new problems arrive.")] = False,
     policy_steps: Annotated[
-        int, typer.Option(min=0, help="PPO steps per policy update; 0 skips it.")
-    ] = 1,
-    max_new_tokens: Annotated[int, typer.Option(min=1, help="Token cap per sample.")] = 128,
+        int, typer.Option(min=0, help=_help("policy_steps"))
+    ] = FlywheelParams.policy_steps,
+    max_new_tokens: Annotated[
+        int, typer.Option(min=1, help=_help("max_new_tokens"))
+    ] = FlywheelParams.max_new_tokens,
     eval_problems: Annotated[
         int, typer.Option(min=0, help=_help("eval_problems") + " Samples: RR_EVAL_SAMPLES.")
     ] = FlywheelParams.eval_problems,
@@ -408,45 +424,17 @@ def _drive(
     """Finish any unfinished iteration, then open new ones until done."""
     while True:
         with session_scope() as session:
-            unfinished = session.scalar(
-                select(Iteration.id)
-                .where(Iteration.status != IterationStatus.DONE)
-                .order_by(Iteration.number)
+            iteration_id, resumed = iteration_to_follow(
+                session, params, size=size, iterations=iterations, continuous=continuous
             )
-            done = session.scalar(
-                select(func.count())
-                .select_from(Iteration)
-                .where(Iteration.status == IterationStatus.DONE)
-            )
+        if iteration_id is not None:
             # An iteration left unfinished by an earlier, interrupted run: its lost
             # messages are re-enqueued before waiting on it.
-            resumed = unfinished is not None
-            if unfinished is None and (continuous or done < iterations):
-                problem_ids = _next_problems(session, size, fresh_only=continuous and done > 0)
-                if problem_ids:
-                    unfinished = open_iteration(session, problem_ids, params).id
-        if unfinished is not None:
-            wait_for_iteration(unfinished, reconcile_first=resumed, own_since=own_since)
+            wait_for_iteration(iteration_id, reconcile_first=resumed, own_since=own_since)
         elif continuous:
             time.sleep(10)  # waiting for new problems
         else:
             return
-
-
-def _next_problems(session, size: int, *, fresh_only: bool) -> list[int]:
-    """The first `size` training-split problems with tests; in continuous mode after
-    the first iteration, only problems no iteration has used yet."""
-    query = select(Problem.id).where(
-        Problem.split == Split.TRAIN, or_(Problem.tests != "", Problem.io_cases.is_not(None))
-    )
-    if fresh_only:
-        used = {
-            p
-            for ids in session.scalars(select(Iteration.params))
-            for p in ids.get("problem_ids", [])
-        }
-        query = query.where(Problem.id.not_in(used)) if used else query
-    return list(session.scalars(query.order_by(Problem.id).limit(size)))
 
 
 class IterationBlocked(RuntimeError):
@@ -477,10 +465,7 @@ def wait_for_iteration(
         TextColumn("{task.description:<28}"), BarColumn(), MofNCompleteColumn(),
         TimeElapsedColumn(), console=console, disable=not show,
     ) as bars:  # fmt: skip
-        stages = {
-            name: bars.add_task(name, total=None)
-            for name in ("generation", "execution", "labeling", "training")
-        }
+        stages = {name: bars.add_task(name, total=None) for name in QUEUES}
         while True:
             if timeout_s is not None and time.monotonic() - started > timeout_s:
                 raise TimeoutError(f"iteration {iteration_id} not done after {timeout_s:.0f}s")
@@ -545,3 +530,17 @@ def _update_bars(bars: Progress, stages: dict[str, TaskID], iteration, progress,
         label = "warm-start reward" if run.params.get("warm_start") else run.kind.value
         bars.update(stages["training"], description=f"iter {number} {label} ({run.status.value})",
                     completed=round(run.progress * 100), total=100)  # fmt: skip
+
+
+def iteration_rows(session: Session) -> list[dict[str, Any]]:
+    """Per iteration: what `rewardranker status --json` and the run report show."""
+    return [
+        {
+            **summary,
+            "problems": len(summary["params"].get("problem_ids", [])),
+            "reward_model_version": summary["reward_model_version_id"],
+            "generator_version": summary["generator_version_id"],
+            "evaluation": summary["metrics"].get("evaluation", {}),
+        }
+        for summary in iteration_summaries(session)
+    ]

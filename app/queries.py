@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal
 
-from sqlalchemy import Select, and_, exists, func, select, tuple_
+from pydantic import BaseModel, ConfigDict, Field
+from sqlalchemy import Select, and_, exists, select, tuple_
 from sqlalchemy.orm import Session
 
 from models import (
@@ -27,8 +28,10 @@ from models import (
     Problem,
     Score,
     TrainingRun,
+    repository,
 )
-from models.enums import EvaluationStatus, Language, ModelKind, ModelStatus, Origin, Split, Verdict
+from models.enums import EvaluationStatus, Language, ModelKind, Origin, Split, Verdict
+from models.repository import current_model
 
 CandidateSort = Literal["time", "-time", "score", "-score"]
 SORTS: tuple[str, ...] = ("time", "-time", "score", "-score")
@@ -101,26 +104,37 @@ class QueryError(ValueError):
     """A query that cannot be answered as asked (a bad cursor, an unknown version)."""
 
 
-@dataclass(frozen=True)
-class CandidateFilter:
-    """What `GET /candidates`, `rewardranker candidates list` and the dashboard filter on.
+INT32 = 2**31 - 1
+
+
+class CandidateFilter(BaseModel):
+    """What `GET /candidates`, `rewardranker candidates list` and the dashboard filter
+    on, with each filter's bounds: the API takes it as its query parameters, the CLI
+    builds it from its options.
 
     Scores come from one reward model version: `reward_model_version_id`, or the
     newest reward model when it is None. Sorting by score, or a score range,
     lists only candidates that version has scored.
     """
 
-    problem_id: int | None = None
+    model_config = ConfigDict(frozen=True)
+
+    problem_id: int | None = Field(None, ge=1, le=INT32)
     language: Language | None = None
-    iteration: int | None = None  # the iteration's number, as in /iterations/{n}
+    iteration: int | None = Field(None, ge=0, le=INT32, description="Iteration number.")
     verdict: Verdict | None = None
     hard_negative: bool | None = None  # labelled by any reward model version
     origin: Origin | None = None
-    generator_version_id: int | None = None
-    reward_model_version_id: int | None = None
-    min_score: float | None = None
-    max_score: float | None = None
-    sort: CandidateSort = "-time"
+    generator_version_id: int | None = Field(None, ge=1, le=INT32)
+    reward_model_version_id: int | None = Field(
+        None, ge=1, le=INT32, description="Whose scores to show and filter on; default the newest."
+    )
+    min_score: float | None = Field(None, allow_inf_nan=False)
+    max_score: float | None = Field(None, allow_inf_nan=False)
+    sort: CandidateSort = Field(
+        "-time",
+        description="time or score, '-' for descending; score lists scored candidates only.",
+    )
 
     @property
     def needs_score(self) -> bool:
@@ -155,20 +169,9 @@ def decode_cursor(cursor: str, sort: str) -> tuple[Any, int]:
     return key, candidate_id
 
 
-def latest_reward_version_id(session: Session) -> int | None:
-    return session.scalar(
-        select(func.max(ModelVersion.id)).where(ModelVersion.kind == ModelKind.REWARD)
-    )
-
-
-def current_model_version(session: Session, kind: ModelKind) -> ModelVersion | None:
-    """The newest ready model of a kind: what /solve and new iterations use."""
-    return session.scalars(
-        select(ModelVersion)
-        .where(ModelVersion.kind == kind, ModelVersion.status == ModelStatus.READY)
-        .order_by(ModelVersion.id.desc())
-        .limit(1)
-    ).first()
+def current_reward_version_id(session: Session) -> int | None:
+    version = current_model(session, ModelKind.REWARD)
+    return None if version is None else version.id
 
 
 def _is_hard_negative():
@@ -180,7 +183,7 @@ def candidate_select(
 ) -> tuple[Select, int | None]:
     """The filtered, sorted listing (without cursor or limit) and the reward
     model version whose scores it shows."""
-    rm_version = flt.reward_model_version_id or latest_reward_version_id(session)
+    rm_version = flt.reward_model_version_id or current_reward_version_id(session)
     score_join = and_(
         Score.candidate_id == Candidate.id, Score.reward_model_version_id == rm_version
     )
@@ -512,51 +515,20 @@ def list_problems(
     return [problem_dict(problem) for problem in session.scalars(query)]
 
 
-def _counts_by_iteration(session: Session, query: Select) -> dict[int, int]:
-    return {iteration_id: count for iteration_id, count in session.execute(query)}
-
-
 def iteration_summaries(session: Session) -> list[dict[str, Any]]:
-    """Every iteration with its metrics, candidate and hard-negative counts and
-    verdict mix: what `GET /iterations`, the CLI and the report show."""
-    iterations = session.scalars(select(Iteration).order_by(Iteration.number)).all()
-    candidates = _counts_by_iteration(
-        session,
-        select(Candidate.iteration_id, func.count())
-        .where(Candidate.iteration_id.is_not(None))
-        .group_by(Candidate.iteration_id),
-    )
-    hard_negatives = _counts_by_iteration(
-        session,
-        select(
-            HardNegativeLabel.iteration_id,
-            func.count(func.distinct(HardNegativeLabel.candidate_id)),
-        )
-        .where(HardNegativeLabel.iteration_id.is_not(None))
-        .group_by(HardNegativeLabel.iteration_id),
-    )
-    verdicts: dict[int, dict[str, int]] = {}
-    # executions.iteration_id copies the candidate's, so this needs no join.
-    for iteration_id, verdict, count in session.execute(
-        select(Execution.iteration_id, Execution.verdict, func.count())
-        .where(Execution.iteration_id.is_not(None))
-        .group_by(Execution.iteration_id, Execution.verdict)
-    ):
-        verdicts.setdefault(iteration_id, {})[str(verdict)] = count
+    """The store's per-iteration summary with its headline metrics: what
+    `GET /iterations`, the CLI and the report show."""
     accuracies = {
         version_id: accuracy for version_id, _, accuracy in reward_model_accuracies(session)
     }
     return [
         {
-            **_iteration_dict(iteration),
+            **summary,
             "headline": headline_metrics(
-                iteration.metrics, accuracies.get(iteration.reward_model_version_id)
+                summary["metrics"], accuracies.get(summary["reward_model_version_id"])
             ),
-            "candidates": candidates.get(iteration.id, 0),
-            "hard_negatives": hard_negatives.get(iteration.id, 0),
-            "verdicts": verdicts.get(iteration.id, {}),
         }
-        for iteration in iterations
+        for summary in repository.iteration_summaries(session)
     ]
 
 
@@ -582,19 +554,6 @@ def held_out_table(session: Session) -> dict[str, Any]:
             }
             for e in evaluations
         ],
-    }
-
-
-def _iteration_dict(iteration: Iteration) -> dict[str, Any]:
-    return {
-        "number": iteration.number,
-        "status": str(iteration.status),
-        "generator_version_id": iteration.generator_version_id,
-        "reward_model_version_id": iteration.reward_model_version_id,
-        "params": iteration.params,
-        "metrics": iteration.metrics,
-        "created_at": iteration.created_at,
-        "finished_at": iteration.finished_at,
     }
 
 
@@ -651,7 +610,7 @@ def score_samples(
 ) -> dict[str, list[float]]:
     """Scores of passing and failing candidates under one reward model version
     (the newest by default), at most `limit` of the newest scores."""
-    version = reward_model_version_id or latest_reward_version_id(session)
+    version = reward_model_version_id or current_reward_version_id(session)
     if version is None:
         return {"passing": [], "failing": []}
     rows = session.execute(

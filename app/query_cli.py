@@ -6,7 +6,7 @@ import json
 import sys
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any, cast
+from typing import Annotated, Any
 
 import typer
 from pydantic import ValidationError
@@ -15,7 +15,7 @@ from rich.table import Table
 
 from app import migrate, queries
 from app.console import console, err_console
-from app.db import session_scope
+from models.db import session_scope
 from models.enums import Language, ModelKind, Origin, Verdict
 
 candidates_app = typer.Typer(help="Query the candidate store.", no_args_is_help=True)
@@ -106,19 +106,26 @@ def candidates_list(
     if sort not in queries.SORTS:
         err_console.print(f"error: --sort must be one of {', '.join(queries.SORTS)}, got {sort!r}")
         raise typer.Exit(2)
-    flt = queries.CandidateFilter(
-        problem_id=problem_id,
-        language=language,
-        iteration=iteration,
-        verdict=verdict,
-        hard_negative=hard_negative,
-        origin=origin,
-        generator_version_id=generator_version,
-        reward_model_version_id=reward_version,
-        min_score=min_score,
-        max_score=max_score,
-        sort=cast(queries.CandidateSort, sort),  # checked against SORTS above
-    )
+    try:
+        flt = queries.CandidateFilter(
+            problem_id=problem_id,
+            language=language,
+            iteration=iteration,
+            verdict=verdict,
+            hard_negative=hard_negative,
+            origin=origin,
+            generator_version_id=generator_version,
+            reward_model_version_id=reward_version,
+            min_score=min_score,
+            max_score=max_score,
+            sort=sort,
+        )
+    except ValidationError as error:  # the filter's bounds, as the API applies them
+        for problem in error.errors():
+            err_console.print(
+                f"error: --{str(problem['loc'][0]).replace('_', '-')}: {problem['msg']}"
+            )
+        raise typer.Exit(2) from None
     migrate.upgrade()
     with session_scope() as session:
         try:
@@ -231,7 +238,7 @@ def api(
     import uvicorn
 
     from app.api import create_app
-    from app.settings import Settings
+    from models.settings import Settings
 
     overrides = {k: v for k, v in (("api_host", host), ("api_port", port)) if v is not None}
     try:

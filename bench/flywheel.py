@@ -47,7 +47,7 @@ def main() -> None:
         configure(database, data_dir)
         run(problems, candidates, data_dir)
     finally:
-        from app import db
+        from models import db
 
         db.get_engine().dispose()
         with psycopg.connect(PG_ADMIN, autocommit=True) as admin:
@@ -76,12 +76,12 @@ def run(problems: int, candidates: int, data_dir: Path) -> None:
     from sqlalchemy import func, select
 
     from app import migrate
-    from app.db import session_scope
-    from app.flywheel import FlywheelParams, open_iteration
     from app.problem_import import humaneval_rows, upsert_problems
     from models import Candidate, Execution, ModelVersion, Problem, Score
+    from models.db import session_scope
     from models.enums import ModelKind
-    from workers.celery_app import QUEUES
+    from workers.iteration import FlywheelParams, open_iteration
+    from workers.names import QUEUES, TRAINING
     from workers.processes import kill_worker, start_worker, stop_workers
 
     migrate.upgrade()
@@ -103,7 +103,7 @@ def run(problems: int, candidates: int, data_dir: Path) -> None:
             iteration = open_iteration(session, problem_ids, params)
         wait_until_collected(iteration.id)
         # The retraining it triggers would compete for the CPU with what follows.
-        kill_worker(workers[QUEUES.index("training")])
+        kill_worker(workers[QUEUES.index(TRAINING)])
         with session_scope() as session:
             in_iteration = Candidate.iteration_id == iteration.id
             first_candidate, last_candidate, total = session.execute(
@@ -150,8 +150,8 @@ def stage_compute(problem_ids: list[int], params, *, seed: int) -> dict[str, flo
     the iteration number), in this process: generation, sandbox, scoring."""
     from sqlalchemy import select
 
-    from app.db import session_scope
     from models import Problem
+    from models.db import session_scope
     from pipelines.generation import GenerationConfig, PromptSpec, make_generator
     from pipelines.reward_model import RewardScorer
     from pipelines.sandbox import Job, run_batch
@@ -180,9 +180,9 @@ def stage_compute(problem_ids: list[int], params, *, seed: int) -> dict[str, flo
 def wait_until_collected(iteration_id: int) -> None:
     """Until every candidate is executed and scored: the stages that flow through
     the queues. The retraining that follows is one long task, not queue traffic."""
-    from app.db import session_scope
-    from app.flywheel import is_collected, problem_progress
     from models import Iteration
+    from models.db import session_scope
+    from models.repository import is_collected, problem_progress
 
     while True:
         with session_scope() as session:
@@ -194,10 +194,11 @@ def wait_until_collected(iteration_id: int) -> None:
 def wait_ready(queues) -> None:
     """Until every queue's worker has consumed a no-op."""
     from workers.celery_app import celery
+    from workers.names import NOOP
 
     client = redis.Redis.from_url(BROKER)
     for queue in queues:
-        celery.signature("execution.noop").apply_async(queue=queue)
+        celery.signature(NOOP).apply_async(queue=queue)
     while any(client.llen(q) for q in queues) or client.hlen("unacked"):
         time.sleep(0.2)
 
@@ -205,12 +206,13 @@ def wait_ready(queues) -> None:
 def noop_throughput(count: int) -> float:
     """No-op tasks per second through the same broker, one execution worker, acks_late."""
     from workers.celery_app import celery
+    from workers.names import EXECUTION, NOOP
 
     client = redis.Redis.from_url(BROKER)
     started = time.perf_counter()
     for _ in range(count):
-        celery.signature("execution.noop").apply_async()
-    while client.llen("execution") or client.hlen("unacked"):
+        celery.signature(NOOP).apply_async()
+    while client.llen(EXECUTION) or client.hlen("unacked"):
         time.sleep(0.05)
     return count / (time.perf_counter() - started)
 

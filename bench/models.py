@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from app.settings import BUNDLED_MODEL  # noqa: E402
+from models.settings import BUNDLED_MODEL  # noqa: E402
 from pipelines.generation import (  # noqa: E402
     GenerationConfig,
     PromptSpec,

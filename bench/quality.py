@@ -76,7 +76,7 @@ def main() -> None:
     wall = time.monotonic() - started
 
     os.environ.update({"RR_DATA_DIR": str(data_dir), "RR_DATABASE_URL": ""})
-    from app.db import session_scope
+    from models.db import session_scope
 
     with session_scope() as session:
         table, samples = collect(session)

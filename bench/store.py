@@ -26,8 +26,8 @@ from sqlalchemy import Engine, text  # noqa: E402
 from sqlalchemy.orm import Session  # noqa: E402
 
 from app import migrate  # noqa: E402
-from app.db import make_engine  # noqa: E402
 from models import Problem  # noqa: E402
+from models.db import make_engine  # noqa: E402
 from models.enums import Language, Origin, Verdict  # noqa: E402
 from models.repository import insert_candidates, insert_executions  # noqa: E402
 

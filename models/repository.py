@@ -1,22 +1,28 @@
-"""Bulk write paths of the candidate store. They flush, never commit: the caller
-owns the transaction. Both are idempotent, so a rerun of a batch is harmless.
+"""Every write path of the candidate store, and the reads that more than one part
+of the service shares ("the current model", an iteration's progress). Writes flush,
+never commit: the caller owns the transaction. All are idempotent, so a rerun of a
+batch is harmless.
 
 On Postgres the rows travel by binary COPY into a temporary table and go on with
 one INSERT ... SELECT; on SQLite they are bound parameters, in chunks."""
 
 import hashlib
+import shutil
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from operator import itemgetter
 from typing import Any
 
 import psycopg
-from sqlalchemy import Insert, Row, Table, select, text, tuple_
+from sqlalchemy import Insert, Row, Select, Table, func, select, text, tuple_
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
-from models.candidate import Candidate, Execution
+from models.candidate import Candidate, Execution, HardNegativeLabel, Score
+from models.enums import ModelKind, ModelStatus, RunKind, RunStatus, Verdict
+from models.evaluation import Evaluation, EvaluationSample
+from models.training import DatasetVersion, Iteration, ModelVersion, TrainingRun
 
 # SQLite allows 32766 bound parameters per statement; an execution binds 11.
 _SQLITE_CHUNK = 2000
@@ -221,3 +227,217 @@ def _insert_ignoring_conflicts(
     for start in range(0, len(rows), _SQLITE_CHUNK):
         out.extend(session.execute(statement, rows[start : start + _SQLITE_CHUNK]))
     return out
+
+
+def insert_scores(session: Session, rows: Sequence[dict[str, Any]]) -> None:
+    """Insert reward-model scores (`candidate_id`, `reward_model_version_id`, `score`);
+    a candidate already scored by that version keeps its score."""
+    if rows:
+        session.execute(
+            dialect_insert(session, Score).on_conflict_do_nothing(
+                index_elements=["candidate_id", "reward_model_version_id"]
+            ),
+            rows,
+        )
+
+
+def insert_hard_negative_labels(session: Session, rows: Sequence[dict[str, Any]]) -> int:
+    """Insert hard-negative labels, once per candidate and reward model version;
+    returns how many were new."""
+    if not rows:
+        return 0
+    written = session.execute(
+        dialect_insert(session, HardNegativeLabel)
+        .on_conflict_do_nothing(index_elements=["candidate_id", "reward_model_version_id"])
+        .returning(HardNegativeLabel.id),
+        rows,
+    )
+    return len(written.all())
+
+
+def insert_evaluation(session: Session, **values: Any) -> Evaluation:
+    """Add an evaluation's row (flush only); `number` is unique, so a second opening
+    of the same evaluation fails here instead of measuring twice."""
+    evaluation = Evaluation(**values)
+    session.add(evaluation)
+    session.flush()
+    return evaluation
+
+
+def insert_evaluation_samples(session: Session, rows: Sequence[dict[str, Any]]) -> None:
+    """Record evaluation draws (`evaluation_id`, `problem_id`, `sample_index`,
+    `candidate_id`); a draw already recorded keeps its candidate."""
+    if rows:
+        session.execute(
+            dialect_insert(session, EvaluationSample).on_conflict_do_nothing(
+                index_elements=["evaluation_id", "problem_id", "sample_index"]
+            ),
+            rows,
+        )
+
+
+def register_model_version(session: Session, version: ModelVersion) -> ModelVersion:
+    """Add a trained model's row (flush only). Its folder is already in place; if the
+    row cannot be added, the folder goes too, so there is no folder without its row."""
+    try:
+        session.add(version)
+        session.flush()
+    except BaseException:
+        if version.path:
+            shutil.rmtree(version.path, ignore_errors=True)  # the caller rolls the row back
+        raise
+    return version
+
+
+def insert_dataset_version(session: Session, **values: Any) -> DatasetVersion:
+    """Record an iteration's versioned dataset (flush only) and return its row. A
+    concurrent call for the same iteration that committed first keeps its row, and
+    this one returns it (ON CONFLICT DO NOTHING)."""
+    session.execute(
+        dialect_insert(session, DatasetVersion)
+        .values(**values)
+        .on_conflict_do_nothing(index_elements=["iteration_id"])
+    )
+    session.flush()
+    version = dataset_version(session, values["iteration_id"])
+    assert version is not None  # inserted above or by the concurrent winner
+    return version
+
+
+def dataset_version(session: Session, iteration_id: int) -> DatasetVersion | None:
+    return session.scalar(select(DatasetVersion).where(DatasetVersion.iteration_id == iteration_id))
+
+
+def current_model(session: Session, kind: ModelKind) -> ModelVersion | None:
+    """The newest ready model of a kind: what new iterations, trainings and /solve use."""
+    return session.scalars(
+        select(ModelVersion)
+        .where(ModelVersion.kind == kind, ModelVersion.status == ModelStatus.READY)
+        .order_by(ModelVersion.id.desc())
+        .limit(1)
+    ).first()
+
+
+def problem_progress(session: Session, iteration: Iteration) -> dict[str, int]:
+    """Counts that say how far the iteration's collection is."""
+    in_iteration = Candidate.iteration_id == iteration.id
+    candidates = session.scalar(select(func.count()).select_from(Candidate).where(in_iteration))
+    executed = session.scalar(
+        select(func.count()).select_from(Candidate).join(Execution).where(in_iteration)
+    )
+    judgeable = session.scalar(
+        select(func.count())
+        .select_from(Candidate)
+        .join(Execution)
+        .where(in_iteration, Execution.verdict != Verdict.SANDBOX_ERROR)
+    )
+    scored = session.scalar(
+        select(func.count())
+        .select_from(Candidate)
+        .join(Score, Score.candidate_id == Candidate.id)
+        .where(in_iteration, Score.reward_model_version_id == iteration.reward_model_version_id)
+    )
+    return {
+        "problems": len(iteration.params["problem_ids"]),
+        "generated": len(iteration.params["generated"]),
+        "candidates": candidates,
+        "executed": executed,
+        "judgeable": judgeable,
+        "scored": scored,
+    }
+
+
+def evaluation_progress(session: Session, evaluation: Evaluation) -> dict[str, int]:
+    """How far an evaluation's collection is, in distinct programs drawn; the keys
+    of `problem_progress`."""
+    drawn = Candidate.id.in_(
+        select(EvaluationSample.candidate_id).where(EvaluationSample.evaluation_id == evaluation.id)
+    )
+
+    def count(query: Select) -> int:
+        return session.scalar(select(func.count()).select_from(query.subquery()))
+
+    executed = select(Candidate.id).join(Execution).where(drawn)
+    return {
+        "problems": len(evaluation.params["problem_ids"]),
+        "generated": len(evaluation.params["generated"]),
+        "candidates": count(select(Candidate.id).where(drawn)),
+        "executed": count(executed),
+        "judgeable": count(executed.where(Execution.verdict != Verdict.SANDBOX_ERROR)),
+        "scored": count(
+            select(Candidate.id)
+            .join(Score, Score.candidate_id == Candidate.id)
+            .where(drawn, Score.reward_model_version_id == evaluation.reward_model_version_id)
+        ),
+    }
+
+
+def is_collected(progress: dict[str, int]) -> bool:
+    """Every problem generated, every program executed, every judgeable one scored
+    (a `problem_progress` or `evaluation_progress`)."""
+    return (
+        progress["generated"] == progress["problems"]
+        and progress["executed"] == progress["candidates"]
+        and progress["scored"] == progress["judgeable"]
+    )
+
+
+def _counts_by_iteration(session: Session, query: Select) -> dict[int, int]:
+    return {iteration_id: count for iteration_id, count in session.execute(query)}
+
+
+def iteration_summaries(session: Session) -> list[dict[str, Any]]:
+    """Every iteration with its candidate, execution and hard-negative counts, verdict
+    mix, dataset tag and the accuracy of the reward model trained at its end: the one
+    summary behind `rewardranker status`, `GET /iterations`, the dashboard and the report."""
+    iterations = session.scalars(select(Iteration).order_by(Iteration.number)).all()
+    candidates = _counts_by_iteration(
+        session,
+        select(Candidate.iteration_id, func.count())
+        .where(Candidate.iteration_id.is_not(None))
+        .group_by(Candidate.iteration_id),
+    )
+    hard_negatives = _counts_by_iteration(
+        session,
+        select(
+            HardNegativeLabel.iteration_id,
+            func.count(func.distinct(HardNegativeLabel.candidate_id)),
+        )
+        .where(HardNegativeLabel.iteration_id.is_not(None))
+        .group_by(HardNegativeLabel.iteration_id),
+    )
+    verdicts: dict[int, dict[str, int]] = {}
+    # executions.iteration_id copies the candidate's, so this needs no join.
+    for iteration_id, verdict, count in session.execute(
+        select(Execution.iteration_id, Execution.verdict, func.count())
+        .where(Execution.iteration_id.is_not(None))
+        .group_by(Execution.iteration_id, Execution.verdict)
+    ):
+        verdicts.setdefault(iteration_id, {})[str(verdict)] = count
+    tags = dict(session.execute(select(DatasetVersion.iteration_id, DatasetVersion.dvc_tag)).all())
+    trained = {}  # the last successful reward training of each iteration
+    for run in session.scalars(
+        select(TrainingRun)
+        .where(TrainingRun.kind == RunKind.REWARD, TrainingRun.status == RunStatus.SUCCEEDED)
+        .order_by(TrainingRun.id)
+    ):
+        trained[run.iteration_id] = run.metrics.get("pairwise_accuracy")
+    return [
+        {
+            "number": iteration.number,
+            "status": str(iteration.status),
+            "generator_version_id": iteration.generator_version_id,
+            "reward_model_version_id": iteration.reward_model_version_id,
+            "params": iteration.params,
+            "metrics": iteration.metrics,
+            "created_at": iteration.created_at,
+            "finished_at": iteration.finished_at,
+            "candidates": candidates.get(iteration.id, 0),
+            "executions": sum(verdicts.get(iteration.id, {}).values()),
+            "hard_negatives": hard_negatives.get(iteration.id, 0),
+            "verdicts": verdicts.get(iteration.id, {}),
+            "dvc_tag": tags.get(iteration.id),
+            "reward_accuracy": trained.get(iteration.id),
+        }
+        for iteration in iterations
+    ]

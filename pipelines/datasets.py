@@ -7,7 +7,7 @@ of `pipelines/dvc.yaml`, so a clone checked out at a tag can `dvc pull` and
 `dvc repro` the reward-model training of that iteration.
 
 Tables in `data/`:
-- `pairs.parquet`: the reward model's training pairs (`reward_model.build_pairs`'s
+- `pairs.parquet`: the reward model's training pairs (`pipelines.pairs`'
   rule over the candidates up to the iteration, with the paired candidates' ids);
 - `candidates.parquet`: every candidate up to the iteration, with its verdict;
 - `scores.parquet`: reward-model scores of those candidates;
@@ -39,15 +39,14 @@ from models import (
     Problem,
     Score,
 )
-from models.enums import Origin, Split, Verdict
-from models.repository import content_hash, dialect_insert
+from models.enums import Origin, Split
+from models.repository import dataset_version, insert_dataset_version
+from models.settings import get_settings
+from pipelines.pairs import Executed, executed_candidates, problem_pairs
 
 DVC_YAML = Path(__file__).with_name("dvc.yaml")
 REPO_DIRNAME = "dvc-repo"
 DATA_DIRNAME = "data"  # the DVC-tracked folder inside the repository
-# build_pairs' default, so a tagged dataset holds what the reward model trained on
-# (tests/pipelines/test_datasets.py checks the two agree).
-MAX_PAIRS_PER_PROBLEM = 32
 _BATCH_ROWS = 5000
 
 PAIRS_SCHEMA = pa.schema(
@@ -110,14 +109,12 @@ def version_iteration(
     local remote at `data_dir / "dvc-remote"`. Calling it again for a versioned
     iteration returns the existing row and changes nothing.
     """
-    existing = _dataset_version(session, iteration_id)
+    existing = dataset_version(session, iteration_id)
     if existing is not None:
         return existing
     iteration = session.get_one(Iteration, iteration_id)
     tag = iteration_tag(iteration.number)
     if remote is None:
-        from app.settings import get_settings
-
         remote = get_settings().dvc_remote
     data_dir = data_dir.resolve()
     root = data_dir / REPO_DIRNAME
@@ -130,28 +127,15 @@ def version_iteration(
         git_rev = _git(root, "rev-list", "-n", "1", tag)
         md5 = _dvc_md5(_git(root, "show", f"{tag}:{DATA_DIRNAME}.dvc"))
         counts = json.loads(_git(root, "show", f"{tag}:counts.json"))
-    # ON CONFLICT DO NOTHING: a concurrent call for the same iteration that
-    # committed first keeps its row, and this one returns it.
-    session.execute(
-        dialect_insert(session, DatasetVersion)
-        .values(
-            iteration_id=iteration_id,
-            dvc_tag=tag,
-            git_rev=git_rev,
-            md5=md5,
-            path=str(root / DATA_DIRNAME),
-            counts=counts,
-        )
-        .on_conflict_do_nothing(index_elements=["iteration_id"])
+    return insert_dataset_version(
+        session,
+        iteration_id=iteration_id,
+        dvc_tag=tag,
+        git_rev=git_rev,
+        md5=md5,
+        path=str(root / DATA_DIRNAME),
+        counts=counts,
     )
-    session.flush()
-    version = _dataset_version(session, iteration_id)
-    assert version is not None  # inserted above or by the concurrent winner
-    return version
-
-
-def _dataset_version(session: Session, iteration_id: int) -> DatasetVersion | None:
-    return session.scalar(select(DatasetVersion).where(DatasetVersion.iteration_id == iteration_id))
 
 
 @contextmanager
@@ -324,12 +308,8 @@ def _hard_negative_rows(
 
 
 def _pair_rows(session: Session, in_scope: Select, number: int) -> Iterator[dict[str, Any]]:
-    """`reward_model.build_pairs`'s pairs, limited to the candidates and labels up
-    to iteration `number`, and with the ids of the programs paired.
-
-    Same rule and order: chosen = the reference solution, then passing candidates
-    with other text; rejected = failing candidates, hard negatives first; a
-    SANDBOX_ERROR says nothing about the program, so it is never rejected."""
+    """The pairing rule's pairs (`pipelines.pairs`), limited to the candidates and
+    labels up to iteration `number`, with the ids of the programs paired."""
     hard_negatives = set(
         session.scalars(
             select(HardNegativeLabel.candidate_id).where(
@@ -346,33 +326,16 @@ def _pair_rows(session: Session, in_scope: Select, number: int) -> Iterator[dict
         )
     }
     executed = session.execute(
-        select(
-            Candidate.problem_id,
-            Candidate.id,
-            Candidate.content_hash,
-            Candidate.code,
-            Execution.verdict,
-        )
-        .join(Execution, Execution.candidate_id == Candidate.id)
-        .where(Candidate.id.in_(in_scope), Execution.verdict != Verdict.SANDBOX_ERROR)
+        executed_candidates()
+        .where(Candidate.id.in_(in_scope))
         .order_by(Candidate.problem_id, Candidate.id)
         .execution_options(yield_per=_BATCH_ROWS)
     )
     for problem_id, group in groupby(executed, key=lambda row: row.problem_id):
         problem = problems[problem_id]
-        # content hash -> (candidate id, code); the reference has no candidate id.
-        chosen: dict[str, tuple[int | None, str]] = {}
-        if problem.reference_solution:
-            chosen[content_hash(problem.reference_solution)] = (None, problem.reference_solution)
-        rejected: list[tuple[int, str]] = []
-        for row in group:
-            if row.verdict == Verdict.OK:
-                chosen.setdefault(row.content_hash, (row.id, row.code))
-            else:
-                rejected.append((row.id, row.code))
-        rejected.sort(key=lambda item: (item[0] not in hard_negatives, item[0]))
-        for (chosen_id, chosen_code), (rejected_id, rejected_code) in _round_robin(
-            list(chosen.values()), rejected, MAX_PAIRS_PER_PROBLEM
+        rows = [Executed(row.id, row.content_hash, row.code, row.verdict) for row in group]
+        for (chosen_id, chosen_code), (rejected_id, rejected_code) in problem_pairs(
+            problem.reference_solution, rows, hard_negatives
         ):
             yield {
                 "problem_id": problem_id,
@@ -383,18 +346,6 @@ def _pair_rows(session: Session, in_scope: Select, number: int) -> Iterator[dict
                 "rejected_candidate_id": rejected_id,
                 "rejected_hard_negative": rejected_id in hard_negatives,
             }
-
-
-def _round_robin(chosen: list, rejected: list, limit: int) -> Iterator[tuple[Any, Any]]:
-    """Up to `limit` (chosen, rejected) pairs: every rejected item once per round,
-    each round shifting the chosen one, so a cap keeps both sides varied."""
-    emitted = 0
-    for shift in range(len(chosen)):
-        for index, rejected_item in enumerate(rejected):
-            if emitted == limit:
-                return
-            yield chosen[(index + shift) % len(chosen)], rejected_item
-            emitted += 1
 
 
 def _write_parquet(path: Path, schema: pa.Schema, rows: Iterator[dict[str, Any]]) -> int:

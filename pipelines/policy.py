@@ -16,10 +16,8 @@ model as the store scores candidates, under PPO and GRPO alike.
 
 import copy
 import json
-import shutil
 import tempfile
 import time
-import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -28,12 +26,10 @@ from typing import Any, Literal
 
 import torch
 from datasets import Dataset
-from sqlalchemy.orm import Session
 from transformers import PreTrainedTokenizerBase, Trainer, TrainerCallback
 from trl import GRPOConfig, GRPOTrainer
 
-from models import ModelVersion
-from models.enums import Language, ModelKind
+from models.enums import Language
 from pipelines.generation import (
     PROMPT_STYLES,
     PromptSpec,
@@ -280,71 +276,6 @@ def update_policy(
     tokenizer.save_pretrained(output_dir)
     (output_dir / "policy_config.json").write_text(json.dumps(asdict(config), indent=2))
     return _metrics(trainer.state.log_history, config, prompts, seconds)
-
-
-def train_and_register_policy(
-    session: Session,
-    *,
-    generator_version: ModelVersion,
-    reward_version: ModelVersion,
-    prompts: Sequence[PromptSpec],
-    config: PolicyConfig,
-    data_dir: Path,
-    iteration_id: int | None = None,
-    progress: Callable[[float], None] | None = None,
-    tests: Mapping[int, str] | None = None,
-) -> ModelVersion:
-    """Update `generator_version` against `reward_version` and register the result as a
-    new generator version (flush only: the caller commits). A failure registers nothing
-    and leaves no folder behind."""
-    if generator_version.kind != ModelKind.GENERATOR:
-        raise ValueError(
-            f"model version {generator_version.id} is a {generator_version.kind} model, "
-            "not a generator"
-        )
-    if reward_version.kind != ModelKind.REWARD:
-        raise ValueError(
-            f"model version {reward_version.id} is a {reward_version.kind} model, "
-            "not a reward model"
-        )
-    name = f"generator-{config.algo}-{uuid.uuid4().hex[:12]}"
-    final_dir = (Path(data_dir) / "models" / "generators" / name).resolve()
-    staging_dir = final_dir.with_name(f".{name}.tmp")
-    try:
-        metrics = update_policy(
-            # a version without a path is its base model as is
-            generator=generator_version.path or generator_version.base_model,
-            reward_model=reward_version.path or reward_version.base_model,
-            prompts=prompts,
-            config=config,
-            output_dir=staging_dir,
-            progress=progress,
-            tests=tests,
-        )
-        staging_dir.rename(final_dir)  # atomic: a registered path is always complete
-    except BaseException:
-        shutil.rmtree(staging_dir, ignore_errors=True)
-        raise
-    version = ModelVersion(
-        kind=ModelKind.GENERATOR,
-        name=name,
-        parent_id=generator_version.id,
-        base_model=generator_version.base_model,
-        path=str(final_dir),
-        metrics={
-            **metrics,
-            "reward_version_id": reward_version.id,
-            "iteration_id": iteration_id,
-            "config": asdict(config),
-        },
-    )
-    session.add(version)
-    try:
-        session.flush()
-    except BaseException:
-        shutil.rmtree(final_dir, ignore_errors=True)  # no folder without its row
-        raise
-    return version
 
 
 def _ppo_trainer(

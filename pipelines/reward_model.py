@@ -10,26 +10,18 @@ scoring share one encoding (`_encode`), so a score means the same in both.
 
 import json
 import random
-import shutil
 import time
-import uuid
-from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import torch
-from sqlalchemy import select
-from sqlalchemy.orm import Session
 from transformers import TrainerCallback, set_seed
 
-from app.settings import BUNDLED_MODEL
-from models import Candidate, Execution, HardNegativeLabel, ModelVersion, Problem
-from models.enums import ModelKind, Origin, Split, Verdict
-from models.repository import content_hash
+from models.settings import BUNDLED_MODEL
 from pipelines.loading import load_sequence_classifier, load_tokenizer
+from pipelines.pairs import Pair
 
 Progress = Callable[[float], None]  # called with the fraction of training done, 0..1
 CONFIG_FILE = "reward_config.json"  # written beside the weights: config and metrics
@@ -79,92 +71,11 @@ class RewardConfig:
             raise ValueError(f"max_length must be at least 2, got {self.max_length}")
 
 
-@dataclass(frozen=True)
-class Pair:
-    """A passing (`chosen`) and a failing (`rejected`) program for one problem."""
-
-    problem_id: int
-    prompt: str
-    chosen: str
-    rejected: str
-
-
 def reward_text(prompt: str, code: str) -> str:
     """The text the reward model scores for a candidate of a problem."""
     if not prompt.strip() or prompt.strip() in code:
         return code
     return f"{prompt.rstrip()}\n\n{code}"
-
-
-# --- pairs from the store -------------------------------------------------------------
-
-
-def build_pairs(
-    session: Session,
-    *,
-    problem_ids: Sequence[int] | None = None,
-    max_pairs_per_problem: int = 32,
-) -> list[Pair]:
-    """Chosen = passing candidates and the reference solution; rejected = failing
-    candidates of the same problem, hard negatives first. Sandbox errors are no
-    verdict on the program, so they are never used."""
-    # Held-out problems and evaluation samples never train anything.
-    problems = select(Problem.id, Problem.prompt, Problem.reference_solution).where(
-        Problem.split == Split.TRAIN
-    )
-    candidates = (
-        select(
-            Candidate.id,
-            Candidate.problem_id,
-            Candidate.content_hash,
-            Candidate.code,
-            Execution.verdict,
-            Candidate.id.in_(select(HardNegativeLabel.candidate_id)).label("hard"),
-        )
-        .join(Execution, Execution.candidate_id == Candidate.id)
-        .join(Problem, Problem.id == Candidate.problem_id)
-        .where(
-            Execution.verdict != Verdict.SANDBOX_ERROR,
-            Problem.split == Split.TRAIN,
-            Candidate.origin != Origin.EVALUATION,
-        )
-        .order_by(Candidate.id)
-    )
-    if problem_ids is not None:
-        problems = problems.where(Problem.id.in_(problem_ids))
-        candidates = candidates.where(Candidate.problem_id.in_(problem_ids))
-
-    prompts, chosen = {}, defaultdict(dict)
-    for problem_id, prompt, reference in session.execute(problems):
-        prompts[problem_id] = prompt
-        if reference:
-            chosen[problem_id][content_hash(reference)] = reference
-    rejected: dict[int, list[tuple[bool, int, str]]] = defaultdict(list)
-    for candidate_id, problem_id, code_hash, code, verdict, hard in session.execute(candidates):
-        if verdict == Verdict.OK:
-            chosen[problem_id].setdefault(code_hash, code)
-        else:
-            rejected[problem_id].append((not hard, candidate_id, code))
-
-    pairs = []
-    for problem_id, failing in sorted(rejected.items()):
-        ordered = [code for _, _, code in sorted(failing)]  # hard negatives (False) sort first
-        winners = list(chosen[problem_id].values())
-        for winner, loser in _round_robin(winners, ordered, max_pairs_per_problem):
-            pairs.append(Pair(problem_id, prompts[problem_id], winner, loser))
-    return pairs
-
-
-def _round_robin(winners: list[str], losers: list[str], limit: int) -> list[tuple[str, str]]:
-    """Up to `limit` (winner, loser) pairs: every loser once per round, in order,
-    each round shifting the winner, so a cap keeps both sides varied."""
-    pairs: list[tuple[str, str]] = []
-    for shift in range(len(winners)):
-        for index, loser in enumerate(losers):
-            if len(pairs) == limit:
-                return pairs
-            pairs.append((winners[(index + shift) % len(winners)], loser))
-    return pairs
 
 
 # --- loading and scoring --------------------------------------------------------------
@@ -396,48 +307,3 @@ def _held_out_metrics(scorer: RewardScorer, pairs: Sequence[Pair]) -> dict[str, 
         "pairwise_accuracy": sum(wins) / len(wins),
         "best_of_n_accuracy": sum(passed for _, passed in best.values()) / len(best),
     }
-
-
-def train_and_register_reward_model(
-    session: Session,
-    *,
-    config: RewardConfig,
-    data_dir: str | Path,
-    parent_id: int | None = None,
-    iteration_id: int | None = None,
-    progress: Progress | None = None,
-) -> ModelVersion:
-    """Train on every pair in the store and register the result (flush only).
-
-    The weights are written to a temporary folder and renamed into place before
-    the row is added, so a crash at any point leaves no registered half-model.
-    Training always starts from `config.backbone`; `parent_id` records lineage
-    (the version whose hard negatives fed this one).
-    """
-    pairs = build_pairs(session)
-    stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
-    iteration = f"it{iteration_id}-" if iteration_id is not None else ""
-    name = f"reward-{iteration}{stamp}-{uuid.uuid4().hex[:8]}"
-    folder = Path(data_dir).resolve() / "models" / "reward" / name
-    staging = folder.with_name(f".{name}.tmp")
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        metrics = train_reward_model(pairs, config, staging, progress=progress)
-        staging.rename(folder)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)  # gone already after a successful rename
-    version = ModelVersion(
-        kind=ModelKind.REWARD,
-        name=name,
-        parent_id=parent_id,
-        base_model=config.backbone,
-        path=str(folder),
-        metrics=metrics,  # the config is in the folder's reward_config.json
-    )
-    try:
-        session.add(version)
-        session.flush()
-    except BaseException:
-        shutil.rmtree(folder, ignore_errors=True)  # the caller rolls the row back
-        raise
-    return version

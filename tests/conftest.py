@@ -17,7 +17,7 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
 from app import migrate
-from app.db import make_engine
+from models.db import make_engine
 
 IN_CI = os.environ.get("CI") == "true"
 PG_ADMIN_DSN = os.environ.get(

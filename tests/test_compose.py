@@ -13,8 +13,8 @@ from celery.app.utils import find_app
 from typer.core import TyperGroup
 
 from app.cli import app as cli_app
-from app.settings import Settings
-from workers.celery_app import QUEUES
+from models.settings import Settings
+from workers.names import QUEUES
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())

@@ -5,12 +5,24 @@ and every task is idempotent by database state, so a redelivered or
 re-enqueued message is harmless.
 """
 
+import kombu.exceptions
+import sqlalchemy.exc
 from celery import Celery
 from kombu import Queue
 
-from app.settings import Settings, get_settings
+from models.settings import Settings, get_settings
+from workers.names import GENERATION, QUEUES
 
-QUEUES = ("generation", "execution", "labeling", "training")
+TRANSIENT = (sqlalchemy.exc.OperationalError, kombu.exceptions.OperationalError)
+"""What a task retries: a database or broker connection that dropped, SQLite's busy
+lock. Anything else is a bug or bad data and fails loudly."""
+RETRY = {
+    "autoretry_for": TRANSIENT,
+    "retry_backoff": 1,
+    "retry_backoff_max": 30,
+    "retry_jitter": True,
+    "max_retries": 8,
+}
 
 
 def broker_options(settings: Settings) -> dict:
@@ -43,7 +55,7 @@ def make_celery(settings: Settings) -> Celery:
         broker_transport_options=broker_options(settings),
         broker_connection_retry_on_startup=True,
         task_queues=[Queue(name) for name in QUEUES],
-        task_default_queue="generation",
+        task_default_queue=GENERATION,
         # Task names are "<queue>.<verb>", so routing is by name.
         task_routes={f"{name}.*": {"queue": name} for name in QUEUES},
         task_serializer="json",
@@ -73,4 +85,9 @@ def make_celery(settings: Settings) -> Celery:
 
 celery = make_celery(get_settings())
 # Imported for their @celery.task side effect, after `celery` exists.
-celery.conf.imports = ("workers.tasks", "workers.control")
+celery.conf.imports = (
+    "workers.generation",
+    "workers.execution",
+    "workers.labeling",
+    "workers.training",
+)

@@ -5,10 +5,11 @@ iteration 1 trains anything; evaluation N measures the models iteration N left
 (its policy update's generator, its retrained reward model). Each one:
 
 1. `open_evaluation` picks the held-out problems (the same ones as evaluation 0,
-   so every evaluation is paired with the baseline) and sends their batches.
-2. `generate_evaluation_batch` samples RR_EVAL_SAMPLES programs per problem and
-   stores one `EvaluationSample` row per draw; each problem then gets one
-   `execute_evaluation_problem`, then one `score_evaluation_problem`.
+   so every evaluation is paired with the baseline); the state machine
+   (`workers.iteration.start_evaluation`) sends its batches.
+2. The queues do the work: `generation.draw_samples` stores one `EvaluationSample`
+   per draw (RR_EVAL_SAMPLES per problem), `execution.execute_drawn` judges the
+   programs, `labeling.score_drawn` scores them with the evaluation's reward model.
 3. `finish_evaluation` computes the metrics once everything is scored.
 
 Evaluation programs have origin `evaluation` and no iteration, and live only on
@@ -16,35 +17,26 @@ Evaluation programs have origin `evaluation` and no iteration, and live only on
 ever reads them. Like every stage, each step is idempotent by store state.
 """
 
-from collections import Counter
 from typing import Any
 
-from sqlalchemy import and_, func, select, update
+from sqlalchemy import Select, and_, select, update
 from sqlalchemy.orm import Session
 
-from app.flywheel import (
-    FlywheelParams,
-    _generator,
-    _scorer,
-    _send,
-    execution_row,
-    run_with_retries,
-)
-from app.settings import get_settings
 from models import (
     Candidate,
     Evaluation,
     EvaluationSample,
     Execution,
     Iteration,
-    ModelVersion,
     Problem,
     Score,
     TrainingRun,
 )
 from models.base import utcnow
-from models.enums import EvaluationStatus, Origin, RunKind, RunStatus, Split, Verdict
-from models.repository import dialect_insert, insert_candidates, insert_executions
+from models.enums import EvaluationStatus, RunKind, RunStatus, Split, Verdict
+from models.repository import evaluation_progress, insert_evaluation, is_collected
+from models.settings import get_settings
+from pipelines.evaluation import evaluation_report
 
 
 def held_out_problem_ids(session: Session, limit: int) -> list[int]:
@@ -90,13 +82,16 @@ def open_evaluation(
     session: Session,
     number: int,
     iteration: Iteration,
-    params: FlywheelParams,
     *,
-    enqueue: bool = True,
+    eval_problems: int,
+    generation: dict[str, Any],
 ) -> Evaluation | None:
-    """Evaluation `number`, opened (its batches enqueued unless `enqueue` is False)
-    unless it exists; None when there is nothing to evaluate (no held-out problem)
-    or its models are not trained yet."""
+    """Evaluation `number`, added unless it exists; None when there is nothing to
+    evaluate (no held-out problem) or its models are not trained yet.
+
+    `generation` holds the iteration's backend, max_new_tokens, prompt_style and
+    batch_size; the samples per problem come from RR_EVAL_SAMPLES.
+    """
     existing = session.scalar(select(Evaluation).where(Evaluation.number == number))
     if existing is not None:
         return existing
@@ -105,40 +100,33 @@ def open_evaluation(
     problem_ids = (
         baseline.params["problem_ids"]
         if baseline is not None
-        else held_out_problem_ids(session, params.eval_problems)
+        else held_out_problem_ids(session, eval_problems)
     )
     if models is None or not problem_ids:
         return None
-    evaluation = Evaluation(
+    return insert_evaluation(
+        session,
         number=number,
         iteration_id=iteration.id,
         generator_version_id=models[0],
         reward_model_version_id=models[1],
         params={
+            **generation,
             "samples": get_settings().eval_samples,
-            "backend": params.backend,
-            "max_new_tokens": params.max_new_tokens,
-            "prompt_style": params.prompt_style,
-            "seed": iteration.number,  # the iteration's generator instance is reused
-            "batch_size": params.batch_size,
+            "seed": iteration.number,  # so the iteration's loaded generator is reused
             "problem_ids": problem_ids,
             "generated": [],
         },
     )
-    session.add(evaluation)
-    session.flush()
-    for batch in _batches(evaluation, problem_ids) if enqueue else []:
-        _send(session, "generation.evaluate_batch", evaluation.id, batch)
-    return evaluation
 
 
-def _batches(evaluation: Evaluation, problem_ids: list[int]) -> list[list[int]]:
+def batches(evaluation: Evaluation, problem_ids: list[int]) -> list[list[int]]:
     size = evaluation.params["batch_size"]
     return [problem_ids[i : i + size] for i in range(0, len(problem_ids), size)]
 
 
 def lock_evaluation(session: Session, evaluation_id: int) -> Evaluation:
-    """The evaluation's row, locked (see `app.flywheel.lock_iteration`)."""
+    """The evaluation's row, locked (a no-op UPDATE, as `lock_iteration` does)."""
     session.execute(
         update(Evaluation).where(Evaluation.id == evaluation_id).values(status=Evaluation.status)
     )
@@ -148,71 +136,8 @@ def lock_evaluation(session: Session, evaluation_id: int) -> Evaluation:
     return evaluation
 
 
-def generate_evaluation_batch(
-    session: Session, evaluation_id: int, problem_ids: list[int]
-) -> list[int]:
-    """Store the draws of these problems, once; returns the problems to execute."""
-    from pipelines.generation import PromptSpec
-
-    evaluation = session.get(Evaluation, evaluation_id)
-    todo = [p for p in problem_ids if p not in evaluation.params["generated"]]
-    if not todo:
-        return problem_ids
-    params = evaluation.params
-    problems = session.scalars(
-        select(Problem).where(Problem.id.in_(todo)).order_by(Problem.id)
-    ).all()
-    version = session.get(ModelVersion, evaluation.generator_version_id)
-    generator = _generator(
-        params["backend"],
-        version.path or version.base_model,
-        params["seed"],
-        params["max_new_tokens"],
-        params["prompt_style"],
-    )
-    samples = generator.generate([PromptSpec.from_problem(p) for p in problems], params["samples"])
-    evaluation = lock_evaluation(session, evaluation_id)  # held only for the write
-    generated = set(evaluation.params["generated"])
-    draws = [
-        (problem.id, index, sample)
-        for problem, problem_samples in zip(problems, samples, strict=True)
-        if problem.id not in generated  # a concurrent copy of this task got here first
-        for index, sample in enumerate(problem_samples)
-    ]
-    ids = insert_candidates(
-        session,
-        [
-            {
-                "problem_id": problem_id,
-                "code": sample.code,
-                "origin": Origin.EVALUATION,
-                "generator_version_id": version.id,
-                "num_tokens": sample.num_tokens,
-            }
-            for problem_id, _, sample in draws
-        ],
-    )
-    if draws:
-        session.execute(
-            dialect_insert(session, EvaluationSample).on_conflict_do_nothing(
-                index_elements=["evaluation_id", "problem_id", "sample_index"]
-            ),
-            [
-                {
-                    "evaluation_id": evaluation_id,
-                    "problem_id": problem_id,
-                    "sample_index": index,
-                    "candidate_id": candidate_id,
-                }
-                for (problem_id, index, _), candidate_id in zip(draws, ids, strict=True)
-            ],
-        )
-    evaluation.params = {**evaluation.params, "generated": sorted(generated | set(todo))}
-    return problem_ids
-
-
-def _drawn(evaluation_id: int, problem_id: int | None = None):
-    """The distinct candidates drawn by the evaluation (for one problem)."""
+def drawn(evaluation_id: int, problem_id: int | None = None) -> Select:
+    """Ids of the distinct programs the evaluation drew (for one problem)."""
     query = select(EvaluationSample.candidate_id).where(
         EvaluationSample.evaluation_id == evaluation_id
     )
@@ -221,91 +146,9 @@ def _drawn(evaluation_id: int, problem_id: int | None = None):
     return query.distinct()
 
 
-def execute_evaluation_problem(session: Session, evaluation_id: int, problem_id: int) -> int:
-    """Run the problem's drawn programs that have no verdict yet; returns executions written."""
-    problem = session.get(Problem, problem_id)
-    candidates = session.scalars(
-        select(Candidate)
-        .outerjoin(Execution, Execution.candidate_id == Candidate.id)
-        .where(Candidate.id.in_(_drawn(evaluation_id, problem_id)), Execution.id.is_(None))
-        .order_by(Candidate.id)
-    ).all()
-    if not candidates:
-        return 0
-    results = run_with_retries([c.code for c in candidates], problem)
-    return insert_executions(
-        session,
-        [
-            execution_row(candidate.id, result, attempts)
-            for candidate, (result, attempts) in zip(candidates, results, strict=True)
-        ],
-    )
-
-
-def score_evaluation_problem(session: Session, evaluation_id: int, problem_id: int) -> int:
-    """Score the problem's judged programs with the evaluation's reward model; returns
-    scores written. Nothing is mined here: held-out programs never train anything."""
-    evaluation = session.get(Evaluation, evaluation_id)
-    reward = session.get(ModelVersion, evaluation.reward_model_version_id)
-    problem = session.get(Problem, problem_id)
-    unscored = session.execute(
-        select(Candidate.id, Candidate.code)
-        .join(Execution, Execution.candidate_id == Candidate.id)
-        .outerjoin(
-            Score,
-            and_(Score.candidate_id == Candidate.id, Score.reward_model_version_id == reward.id),
-        )
-        .where(
-            Candidate.id.in_(_drawn(evaluation_id, problem_id)),
-            Execution.verdict != Verdict.SANDBOX_ERROR,
-            Score.id.is_(None),
-        )
-        .order_by(Candidate.id)
-    ).all()
-    if not unscored:
-        return 0
-    values = _scorer(reward.path or reward.base_model).score(
-        [problem.prompt] * len(unscored), [code for _, code in unscored]
-    )
-    written = session.execute(
-        dialect_insert(session, Score)
-        .on_conflict_do_nothing(index_elements=["candidate_id", "reward_model_version_id"])
-        .returning(Score.id),
-        [
-            {"candidate_id": cid, "reward_model_version_id": reward.id, "score": float(value)}
-            for (cid, _), value in zip(unscored, values, strict=True)
-        ],
-    )
-    return len(written.all())
-
-
-def evaluation_progress(session: Session, evaluation: Evaluation) -> dict[str, int]:
-    """How far the evaluation's collection is, in distinct programs."""
-    drawn = Candidate.id.in_(_drawn(evaluation.id))
-
-    def count(query) -> int:
-        return session.scalar(select(func.count()).select_from(query.subquery()))
-
-    executed = select(Candidate.id).join(Execution).where(drawn)
-    return {
-        "problems": len(evaluation.params["problem_ids"]),
-        "generated": len(evaluation.params["generated"]),
-        "candidates": count(select(Candidate.id).where(drawn)),
-        "executed": count(executed),
-        "judgeable": count(executed.where(Execution.verdict != Verdict.SANDBOX_ERROR)),
-        "scored": count(
-            select(Candidate.id)
-            .join(Score, Score.candidate_id == Candidate.id)
-            .where(drawn, Score.reward_model_version_id == evaluation.reward_model_version_id)
-        ),
-    }
-
-
 def finish_evaluation(session: Session, evaluation_id: int) -> bool:
     """Compute and store the metrics once every draw is judged and scored; True when
     the evaluation is done (now or before)."""
-    from app.flywheel import is_collected
-
     evaluation = lock_evaluation(session, evaluation_id)
     if evaluation.status == EvaluationStatus.DONE:
         return True
@@ -320,8 +163,6 @@ def finish_evaluation(session: Session, evaluation_id: int) -> bool:
 def evaluation_metrics(session: Session, evaluation: Evaluation) -> dict[str, Any]:
     """`evaluation_report` over every draw (SANDBOX_ERROR draws left out: the sandbox
     failed, not the program)."""
-    from pipelines.evaluation import evaluation_report
-
     rows = session.execute(
         select(Problem.language, EvaluationSample.problem_id, Execution.verdict, Score.score)
         .join(Problem, Problem.id == EvaluationSample.problem_id)
@@ -349,28 +190,20 @@ def evaluation_metrics(session: Session, evaluation: Evaluation) -> dict[str, An
     )
 
 
-def reconcile_evaluation(session: Session, evaluation_id: int) -> Counter[str]:
-    """Re-send whatever the store shows as missing for a running evaluation."""
-    counts: Counter[str] = Counter()
-    evaluation = session.get(Evaluation, evaluation_id)
-    if evaluation.status == EvaluationStatus.DONE:
-        return counts
+def missing_work(session: Session, evaluation: Evaluation) -> dict[str, list[int]]:
+    """What a running evaluation still lacks, by problem: `generate` (no draws
+    stored), `execute` (a drawn program without a verdict), `score` (a judged
+    program without the evaluation's score, on a problem fully executed)."""
     params = evaluation.params
-    missing = [p for p in params["problem_ids"] if p not in params["generated"]]
-    for batch in _batches(evaluation, missing):
-        _send(session, "generation.evaluate_batch", evaluation_id, batch)
-        counts["evaluation_batches"] += 1
-    drawn = EvaluationSample.evaluation_id == evaluation_id
+    in_evaluation = EvaluationSample.evaluation_id == evaluation.id
     unexecuted = set(
         session.scalars(
             select(EvaluationSample.problem_id)
             .distinct()
             .outerjoin(Execution, Execution.candidate_id == EvaluationSample.candidate_id)
-            .where(drawn, Execution.id.is_(None))
+            .where(in_evaluation, Execution.id.is_(None))
         )
     )
-    for problem_id in sorted(unexecuted):
-        _send(session, "execution.execute_evaluation", evaluation_id, problem_id)
     unscored = set(
         session.scalars(
             select(EvaluationSample.problem_id)
@@ -383,25 +216,23 @@ def reconcile_evaluation(session: Session, evaluation_id: int) -> Counter[str]:
                     Score.reward_model_version_id == evaluation.reward_model_version_id,
                 ),
             )
-            .where(drawn, Execution.verdict != Verdict.SANDBOX_ERROR, Score.id.is_(None))
+            .where(in_evaluation, Execution.verdict != Verdict.SANDBOX_ERROR, Score.id.is_(None))
         )
     )
-    for problem_id in sorted(unscored - unexecuted):
-        _send(session, "labeling.score_evaluation", evaluation_id, problem_id)
-    counts["evaluation_executions"] += len(unexecuted)
-    counts["evaluation_scores"] += len(unscored - unexecuted)
-    return counts
+    return {
+        "generate": [p for p in params["problem_ids"] if p not in params["generated"]],
+        "execute": sorted(unexecuted),
+        "score": sorted(unscored - unexecuted),
+    }
 
 
-def run_inline(session: Session, evaluation_id: int) -> Evaluation:
-    """Take a running evaluation to done in this process, step by step (what the
-    queue's tasks do, for `rewardranker evaluate` without workers)."""
-    evaluation = session.get(Evaluation, evaluation_id)
-    for batch in _batches(evaluation, evaluation.params["problem_ids"]):
-        generate_evaluation_batch(session, evaluation_id, batch)
-    for problem_id in evaluation.params["problem_ids"]:
-        execute_evaluation_problem(session, evaluation_id, problem_id)
-        score_evaluation_problem(session, evaluation_id, problem_id)
-    if not finish_evaluation(session, evaluation_id):
-        raise RuntimeError(f"evaluation {evaluation_id} is still incomplete after a full pass")
-    return evaluation
+def unexecuted_drawn(session: Session, evaluation_id: int, problem_id: int) -> list[Candidate]:
+    """The problem's drawn programs with no verdict yet, in id order."""
+    return list(
+        session.scalars(
+            select(Candidate)
+            .outerjoin(Execution, Execution.candidate_id == Candidate.id)
+            .where(Candidate.id.in_(drawn(evaluation_id, problem_id)), Execution.id.is_(None))
+            .order_by(Candidate.id)
+        )
+    )

@@ -15,14 +15,14 @@ from app import queries
 from app.api.deps import DbSession, Transactions
 from app.api.schemas import HealthOut, SolveIn, SolveOut, TrainingRunIn, TrainingRunOut
 from app.problem_import import upsert_problems
-from app.settings import get_settings
-from models import Iteration, ModelVersion, Problem, Score, TrainingRun
+from models import Iteration, ModelVersion, Problem, TrainingRun
 from models.enums import ModelKind, Origin, Split
-from models.repository import dialect_insert, insert_candidates
+from models.repository import current_model, insert_candidates, insert_scores
+from models.settings import get_settings
+from workers.names import QUEUES
 
 router = APIRouter()
 
-QUEUES = ("generation", "execution", "labeling", "training")
 INSPECT_TIMEOUT_S = 1.0
 
 
@@ -35,7 +35,7 @@ INSPECT_TIMEOUT_S = 1.0
 )
 def post_training_run(session: DbSession, body: TrainingRunIn) -> Any:
     """Queue a reward-model or policy training; the task is enqueued once this commits."""
-    from workers.control import enqueue_training
+    from workers.runs import enqueue_training
 
     iteration_id = None
     if body.iteration is not None:
@@ -87,14 +87,14 @@ def post_solve(transactions: Transactions, body: SolveIn, request: Request) -> d
     # 1. Read the current models and store the request's problem, and commit:
     # no transaction (nor the locks of its writes) stays open while generating.
     with transactions() as session:
-        reward_version = queries.current_model_version(session, ModelKind.REWARD)
+        reward_version = current_model(session, ModelKind.REWARD)
         if reward_version is None:
             raise HTTPException(
                 409,
                 "no reward model is registered yet: "
                 'train one with POST /training-runs {"kind": "reward"}',
             )
-        generator_version = queries.current_model_version(session, ModelKind.GENERATOR)
+        generator_version = current_model(session, ModelKind.GENERATOR)
         problem_id = _request_problem(session, body)
 
     # 2. Load the models, generate and score: seconds to minutes, outside any transaction.
@@ -128,7 +128,13 @@ def post_solve(transactions: Transactions, body: SolveIn, request: Request) -> d
             ],
         )
         scores = dict(zip(ids, solution.scores, strict=True))  # duplicate programs share one row
-        _store_scores(session, scores, reward_version.id)
+        insert_scores(
+            session,
+            [
+                {"candidate_id": i, "reward_model_version_id": reward_version.id, "score": s}
+                for i, s in scores.items()
+            ],
+        )
     best_id = ids[next(i for i, s in enumerate(solution.samples) if s.code == solution.best.code)]
     return {
         "candidate_id": best_id,
@@ -198,18 +204,6 @@ def _request_problem(session: Session, body: SolveIn) -> int:
             Problem.language == body.language,
             Problem.task_id == task_id,
         )
-    )
-
-
-def _store_scores(session: Session, scores: dict[int, float], reward_version_id: int) -> None:
-    session.execute(
-        dialect_insert(session, Score).on_conflict_do_nothing(
-            index_elements=["candidate_id", "reward_model_version_id"]
-        ),
-        [
-            {"candidate_id": i, "reward_model_version_id": reward_version_id, "score": s}
-            for i, s in scores.items()
-        ],
     )
 
 

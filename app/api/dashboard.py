@@ -2,13 +2,14 @@
 highlighted with Pygments on the server. No JavaScript, no front-end build."""
 
 from pathlib import Path as FilePath
-from typing import Annotated, Any
+from typing import Annotated
 from urllib.parse import urlencode
 
 from fastapi import APIRouter, HTTPException, Path, Request
 from fastapi.responses import HTMLResponse, Response
 from fastapi.templating import Jinja2Templates
 from markupsafe import Markup
+from pydantic import ValidationError
 from pygments import highlight
 from pygments.formatters import HtmlFormatter
 from pygments.lexers import get_lexer_by_name
@@ -48,51 +49,20 @@ def plot(session: DbSession, name: str) -> Response:
 
 
 def _parse_filter(params: dict[str, str]) -> tuple[queries.CandidateFilter, list[str]]:
-    """The browser's form sends every field, empty ones as ''; those mean "any"."""
-    errors: list[str] = []
-    values: dict[str, Any] = {}
-
-    def convert(name: str, parse) -> None:
-        raw = params.get(name, "").strip()
-        if raw:
-            try:
-                values[name] = parse(raw)
-            except ValueError:
-                errors.append(f"{name}: {raw!r} is not valid")
-
-    def bounded_int(raw: str) -> int:
-        number = int(raw)
-        if not 0 <= number <= 2**31 - 1:
-            raise ValueError
-        return number
-
-    def finite(raw: str) -> float:
-        number = float(raw)
-        if number != number or number in (float("inf"), float("-inf")):
-            raise ValueError
-        return number
-
-    def sort(raw: str) -> str:
-        if raw not in queries.SORTS:
-            raise ValueError
-        return raw
-
-    for name in ("problem_id", "iteration", "generator_version_id", "reward_model_version_id"):
-        convert(name, bounded_int)
-    convert("language", Language)
-    convert("verdict", Verdict)
-    convert("origin", Origin)
-    convert("hard_negative", _yes_no)
-    convert("min_score", finite)
-    convert("max_score", finite)
-    convert("sort", sort)
-    return queries.CandidateFilter(**values), errors
-
-
-def _yes_no(raw: str) -> bool:
-    if raw not in ("yes", "no"):
-        raise ValueError
-    return raw == "yes"
+    """The browser's form sends every field, empty ones as ''; those mean "any". The
+    filter's own bounds judge the rest; a bad value is reported and left out."""
+    values = {
+        name: raw.strip()
+        for name, raw in params.items()
+        if name in queries.CandidateFilter.model_fields and raw.strip()
+    }
+    try:
+        return queries.CandidateFilter(**values), []
+    except ValidationError as error:
+        bad = {str(problem["loc"][0]) for problem in error.errors()}
+    errors = [f"{name}: {raw!r} is not valid" for name, raw in values.items() if name in bad]
+    kept = {name: raw for name, raw in values.items() if name not in bad}
+    return queries.CandidateFilter(**kept), errors
 
 
 @router.get("/browse", response_class=HTMLResponse)

@@ -8,7 +8,7 @@ from fastapi import Depends
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
-from app.db import get_sessionmaker, session_scope
+from models.db import get_sessionmaker, session_scope
 
 
 def write_session() -> Iterator[Session]:

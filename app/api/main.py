@@ -7,7 +7,7 @@ from sqlalchemy.exc import DataError
 from app.api import control, dashboard, store
 from app.api.security import BearerAuth, BodySizeLimit
 from app.queries import QueryError
-from app.settings import Settings, get_settings
+from models.settings import Settings, get_settings
 
 MAX_BODY_BYTES = 2 * 1024 * 1024
 

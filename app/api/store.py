@@ -20,13 +20,13 @@ from app.api.schemas import (
     Text,
 )
 from app.problem_import import ProblemFormatError, parse_problem_line, upsert_problems
-from app.settings import get_settings
 from models import Problem
-from models.enums import Language, ModelKind, Origin, Split, Verdict
+from models.enums import Language, ModelKind, Split
+from models.settings import get_settings
 
 router = APIRouter()
 
-INT32 = 2**31 - 1
+INT32 = queries.INT32
 INT64 = 2**63 - 1
 MAX_PROBLEMS_PER_POST = 1000
 
@@ -122,25 +122,7 @@ def post_problems(
 )
 async def get_candidates(
     session: StreamSession,
-    problem_id: Annotated[int | None, Query(ge=1, le=INT32)] = None,
-    language: Language | None = None,
-    iteration: Annotated[int | None, Query(ge=0, le=INT32, description="Iteration number.")] = None,
-    verdict: Verdict | None = None,
-    hard_negative: bool | None = None,
-    origin: Origin | None = None,
-    generator_version_id: Annotated[int | None, Query(ge=1, le=INT32)] = None,
-    reward_model_version_id: Annotated[
-        int | None,
-        Query(
-            ge=1, le=INT32, description="Whose scores to show and filter on; default the newest."
-        ),
-    ] = None,
-    min_score: Annotated[float | None, Query(allow_inf_nan=False)] = None,
-    max_score: Annotated[float | None, Query(allow_inf_nan=False)] = None,
-    sort: Annotated[
-        queries.CandidateSort,
-        Query(description="time or score, '-' for descending; score lists scored candidates only."),
-    ] = "-time",
+    flt: Annotated[queries.CandidateFilter, Query()],
     cursor: Annotated[
         str | None, Query(max_length=200, description="next_cursor of the previous page.")
     ] = None,
@@ -157,19 +139,6 @@ async def get_candidates(
     # Async, with the queries in one worker thread: a sync endpoint with a sync
     # session dependency hands each request to a worker thread three times
     # before it answers, and on a busy machine each hand-over waits for a CPU.
-    flt = queries.CandidateFilter(
-        problem_id=problem_id,
-        language=language,
-        iteration=iteration,
-        verdict=verdict,
-        hard_negative=hard_negative,
-        origin=origin,
-        generator_version_id=generator_version_id,
-        reward_model_version_id=reward_model_version_id,
-        min_score=min_score,
-        max_score=max_score,
-        sort=sort,
-    )
     if format is CandidateFormat.JSON:
         page = await run_in_threadpool(
             queries.list_candidates, session, flt, limit=limit, cursor=cursor
@@ -180,7 +149,7 @@ async def get_candidates(
             "reward_model_version_id": page.reward_model_version_id,
         }
     if cursor:
-        queries.decode_cursor(cursor, sort)  # a bad cursor is a 400 before streaming starts
+        queries.decode_cursor(cursor, flt.sort)  # a bad cursor is a 400 before streaming starts
     chunks = queries.iter_candidates(session, flt, cursor=cursor)
     if format is CandidateFormat.CSV:
         return StreamingResponse(

@@ -15,6 +15,7 @@ import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from models.settings import get_settings
 from pipelines.sandbox import cgroup, seccomp
 
 SANDBOX_USER = "sandbox"
@@ -28,7 +29,7 @@ _TRAMPOLINE = (
 
 def insecure_allowed() -> bool:
     """RR_SANDBOX_INSECURE=1 lets candidates run unisolated where bwrap cannot work."""
-    return os.environ.get("RR_SANDBOX_INSECURE", "").lower() in {"1", "true", "yes"}
+    return get_settings().sandbox_insecure
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from models.enums import Language, Verdict
+from models.settings import get_settings
 from pipelines.sandbox import isolation
 from pipelines.sandbox.cgroup import SlotCgroup, remove_stale_groups
 from pipelines.sandbox.isolation import Host, Launch
@@ -44,9 +45,7 @@ from pipelines.sandbox.languages import (
     recipe_for,
 )
 
-RUNTIME_DIR = Path(
-    os.environ.get("RR_SANDBOX_DIR") or Path(tempfile.gettempdir()) / "rewardranker-sandbox"
-)
+RUNTIME_DIR = get_settings().sandbox_dir
 CACHE_DIR = RUNTIME_DIR / "cache"
 ZYGOTE_SCRIPT = Path(__file__).with_name("zygote.py")
 REPO_ROOT = Path(__file__).resolve().parents[2]

@@ -13,9 +13,9 @@ from sqlalchemy.orm import Session
 
 from app.api import create_app
 from app.api.deps import stream_session, transactions, write_session
-from app.settings import Settings
 from models import DatasetVersion, Evaluation, HardNegativeLabel, Iteration, Score
 from models.enums import EvaluationStatus, Language, ModelKind, Origin, Verdict
+from models.settings import Settings
 from pipelines.evaluation import evaluation_report
 from tests.factories import make_candidate, make_model_version, make_problem
 

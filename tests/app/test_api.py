@@ -7,9 +7,9 @@ import pytest
 from fastapi.testclient import TestClient
 
 from app.api import create_app
-from app.settings import Settings
 from models import TrainingRun
 from models.enums import RunKind, RunStatus
+from models.settings import Settings
 from tests.app.conftest import serve_session
 
 

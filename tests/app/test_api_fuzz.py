@@ -10,9 +10,9 @@ from schemathesis.checks import not_a_server_error
 from sqlalchemy import update
 
 from app.api import create_app
-from app.settings import Settings
 from models import ModelVersion
 from models.enums import ModelStatus
+from models.settings import Settings
 from tests.app.conftest import seed_store, serve_session
 
 # The schema is read once at import; each test routes the app's sessions to its

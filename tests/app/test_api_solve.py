@@ -9,11 +9,10 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import func, select
 
-from app import db, settings
 from app.api import create_app
-from app.settings import Settings
-from models import Candidate, ModelVersion, Problem, Score
+from models import Candidate, ModelVersion, Problem, Score, db, settings
 from models.enums import ModelKind, Origin
+from models.settings import Settings
 from pipelines.generation import Sample
 from tests.app.conftest import serve_session
 from tests.conftest import fresh_database

@@ -13,7 +13,7 @@ import uvicorn
 from fastapi.testclient import TestClient
 
 from app.api import create_app
-from app.settings import Settings
+from models.settings import Settings
 from tests.app.conftest import Seeded, seed_store, serve_session
 from tests.conftest import unavailable
 

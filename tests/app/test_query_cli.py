@@ -9,10 +9,10 @@ import pytest
 from sqlalchemy.orm import Session
 from typer.testing import CliRunner
 
-from app import db, settings
 from app.cli import app
-from app.db import make_engine
 from app.report import PLOTS
+from models import db, settings
+from models.db import make_engine
 from tests.app.conftest import Seeded, seed_store
 
 

@@ -1,7 +1,7 @@
 import pytest
 from pydantic import ValidationError
 
-from app.settings import Settings
+from models.settings import Settings
 
 
 def test_embedded_defaults_need_no_server(tmp_path):

@@ -171,7 +171,7 @@ def test_one_active_training_run_per_kind(session):
 def _insert_same_batch(url: str, problem_id: int, barrier) -> list[int]:
     from sqlalchemy.orm import Session
 
-    from app.db import make_engine
+    from models.db import make_engine
 
     engine = make_engine(url)
     rows = [

@@ -16,9 +16,7 @@ from sqlalchemy import Engine, delete, func, select
 from sqlalchemy.orm import Session
 from typer.testing import CliRunner
 
-from app import db, settings
 from app.cli import app as cli_app
-from app.db import make_engine
 from models import (
     Candidate,
     DatasetVersion,
@@ -27,10 +25,13 @@ from models import (
     ModelVersion,
     Problem,
     Score,
+    db,
+    settings,
 )
+from models.db import make_engine
 from models.enums import Origin, Verdict
-from pipelines.datasets import MAX_PAIRS_PER_PROBLEM, REPO_DIRNAME, version_iteration
-from pipelines.reward_model import Pair, build_pairs
+from pipelines.datasets import REPO_DIRNAME, version_iteration
+from pipelines.pairs import MAX_PAIRS_PER_PROBLEM, Pair, build_pairs
 from tests.factories import make_candidate, make_model_version, make_problem
 
 DVC = str(Path(sys.executable).with_name("dvc"))

@@ -7,9 +7,9 @@ import pytest
 import torch
 from sqlalchemy import func, select
 
-from app.settings import BUNDLED_MODEL
 from models import ModelVersion
 from models.enums import ModelKind
+from models.settings import BUNDLED_MODEL
 from pipelines.generation import (
     GenerationConfig,
     PromptSpec,
@@ -30,11 +30,11 @@ from pipelines.policy import (
     _padding_outside,
     _ppo_trainer,
     sandbox_verdict,
-    train_and_register_policy,
     update_policy,
 )
 from pipelines.reward_model import RewardScorer
 from tests.factories import make_model_version
+from workers.training import train_and_register_policy
 
 PROMPTS = [
     PromptSpec(problem_id=1, language="python", prompt="def add(a, b):\n"),

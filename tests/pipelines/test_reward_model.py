@@ -10,18 +10,17 @@ from sqlalchemy import func, select
 from models import HardNegativeLabel, ModelVersion
 from models.enums import Origin, Verdict
 from pipelines.loading import ModelNotFoundError
+from pipelines.pairs import Pair, build_pairs
 from pipelines.reward_model import (
     CONFIG_FILE,
-    Pair,
     RewardConfig,
     RewardScorer,
-    build_pairs,
     reward_text,
     split_by_problem,
-    train_and_register_reward_model,
     train_reward_model,
 )
 from tests.factories import make_candidate, make_model_version, make_problem
+from workers.training import train_and_register_reward_model
 
 
 def separable_pairs(problems: int = 40) -> list[Pair]:

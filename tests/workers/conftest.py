@@ -11,10 +11,9 @@ import pytest
 import redis
 from sqlalchemy import func, select
 
-from app import db
-from app.settings import get_settings
-from models import Iteration, ModelVersion, Problem
+from models import Iteration, ModelVersion, Problem, db
 from models.enums import IterationStatus, ModelKind
+from models.settings import get_settings
 from tests.conftest import fresh_database
 from workers.celery_app import broker_options, celery
 

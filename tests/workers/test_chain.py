@@ -14,7 +14,6 @@ import pytest
 from sqlalchemy import func, select
 from sqlalchemy.exc import OperationalError
 
-from app.flywheel import FlywheelParams, is_collected, open_iteration, problem_progress, reconcile
 from app.flywheel_cli import wait_for_iteration
 from models import (
     Candidate,
@@ -28,10 +27,12 @@ from models import (
     TrainingRun,
 )
 from models.enums import IterationStatus, ModelKind, RunKind, RunStatus, Verdict
-from models.repository import content_hash
+from models.repository import content_hash, is_collected, problem_progress
 from tests.workers.conftest import add_problems, register_reward_model
-from workers.celery_app import QUEUES
+from workers.iteration import FlywheelParams, open_iteration
+from workers.names import QUEUES
 from workers.processes import CLI, kill_worker, start_worker, stop_workers
+from workers.reconcile import reconcile
 
 REDIS_RESTART = [
     "redis-server", "--daemonize", "yes", "--bind", "127.0.0.1", "-::1", "--port", "6379",

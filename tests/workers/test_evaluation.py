@@ -1,13 +1,14 @@
 """The evaluation stage's task functions called directly against the real Postgres,
 with the real Redis as broker so the follow-ups they enqueue can be counted."""
 
+from dataclasses import asdict
+
 import pytest
 from sqlalchemy import select
 
-from app.flywheel import FlywheelParams, open_iteration, reconcile
 from models import Evaluation, EvaluationSample, Execution, Iteration, ModelVersion, Problem, Score
 from models.enums import EvaluationStatus, IterationStatus, ModelKind, Split
-from pipelines.reward_model import build_pairs
+from pipelines.pairs import build_pairs
 from tests.workers.conftest import (
     add_problems,
     assert_evaluation_exactly_once,
@@ -15,8 +16,9 @@ from tests.workers.conftest import (
     queue_length,
     register_reward_model,
 )
-from workers import tasks
-from workers.evaluation import open_evaluation
+from workers import execution, generation, labeling
+from workers.iteration import FlywheelParams, open_iteration, start_evaluation
+from workers.reconcile import reconcile
 
 MUTATION = FlywheelParams(backend="mutation", candidates=4, batch_size=2, eval_problems=0)
 
@@ -36,7 +38,7 @@ def _held_out_store(store, tiny_model_dir, *, problems: int = 6, held_out: int =
         status=IterationStatus.GENERATING,
         generator_version_id=generator.id,
         reward_model_version_id=reward.id,
-        params={**MUTATION.__dict__, "problem_ids": ids[:-held_out], "generated": []},
+        params={**asdict(MUTATION), "problem_ids": ids[:-held_out], "generated": []},
     )
     store.add(iteration)
     store.flush()
@@ -47,23 +49,23 @@ def _run_all(evaluation: Evaluation) -> None:
     """Every task the evaluation's messages would run, called directly."""
     problem_ids = evaluation.params["problem_ids"]
     for start in range(0, len(problem_ids), evaluation.params["batch_size"]):
-        tasks.evaluate_batch(
+        generation.draw_samples(
             evaluation.id, problem_ids[start : start + evaluation.params["batch_size"]]
         )
     for problem_id in problem_ids:
-        tasks.execute_evaluation(evaluation.id, problem_id)
-        tasks.score_evaluation(evaluation.id, problem_id)
+        execution.execute_drawn(evaluation.id, problem_id)
+        labeling.score_drawn(evaluation.id, problem_id)
 
 
 def test_the_baseline_samples_executes_and_scores_each_held_out_draw_once(
     store, broker_url, tiny_model_dir, monkeypatch
 ):
     monkeypatch.setenv("RR_EVAL_SAMPLES", "5")
-    from app.settings import get_settings
+    from models.settings import get_settings
 
     get_settings.cache_clear()
     iteration = _held_out_store(store, tiny_model_dir)
-    evaluation = open_evaluation(store, 0, iteration, MUTATION)
+    evaluation = start_evaluation(store, 0, iteration)
     store.commit()
     held_out = sorted(store.scalars(select(Problem.id).where(Problem.split == Split.EVAL)))
     assert evaluation.params["problem_ids"] == held_out and evaluation.params["samples"] == 5
@@ -87,9 +89,8 @@ def test_the_baseline_samples_executes_and_scores_each_held_out_draw_once(
 
 def test_later_evaluations_reuse_the_baselines_problems(store, tiny_model_dir):
     iteration = _held_out_store(store, tiny_model_dir, problems=8, held_out=4)
-    baseline = open_evaluation(
-        store, 0, iteration, FlywheelParams(backend="mutation", eval_problems=2)
-    )
+    iteration.params = {**iteration.params, "eval_problems": 2}
+    baseline = start_evaluation(store, 0, iteration)
     assert len(baseline.params["problem_ids"]) == 2
     # Iteration 1's retrained reward model: evaluation 1 can now open.
     from models import TrainingRun
@@ -105,21 +106,20 @@ def test_later_evaluations_reuse_the_baselines_problems(store, tiny_model_dir):
         )
     )
     store.flush()
-    after = open_evaluation(
-        store, 1, iteration, FlywheelParams(backend="mutation", eval_problems=4)
-    )
+    iteration.params = {**iteration.params, "eval_problems": 4}
+    after = start_evaluation(store, 1, iteration)
     assert after.params["problem_ids"] == baseline.params["problem_ids"]  # paired, not 4
     assert after.reward_model_version_id == reward.id
-    assert open_evaluation(store, 1, iteration, MUTATION).id == after.id  # opened once
+    assert start_evaluation(store, 1, iteration).id == after.id  # opened once
 
 
 def test_reconcile_resends_only_what_an_evaluation_is_missing(store, broker_url, tiny_model_dir):
     iteration = _held_out_store(store, tiny_model_dir)
-    evaluation = open_evaluation(store, 0, iteration, MUTATION)
+    evaluation = start_evaluation(store, 0, iteration)
     store.commit()
     first_batch = evaluation.params["problem_ids"][:2]
-    tasks.evaluate_batch(evaluation.id, first_batch)
-    tasks.execute_evaluation(evaluation.id, first_batch[0])
+    generation.draw_samples(evaluation.id, first_batch)
+    execution.execute_drawn(evaluation.id, first_batch[0])
     redis_queues = ("generation", "execution", "labeling")
     before = {name: queue_length(broker_url, name) for name in redis_queues}
     store.expire_all()  # the tasks committed in sessions of their own

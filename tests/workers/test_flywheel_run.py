@@ -11,12 +11,12 @@ from pathlib import Path
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from app.db import make_engine
-from app.flywheel import FlywheelParams
 from models import Evaluation, Execution, Iteration
+from models.db import make_engine
 from models.enums import IterationStatus
 from tests.workers.conftest import assert_evaluation_exactly_once
 from tests.workers.test_chain import assert_exactly_once
+from workers.iteration import FlywheelParams
 from workers.processes import CLI
 
 

@@ -23,13 +23,14 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
-from app import flywheel
 from models import Execution, HardNegativeLabel, Problem, Score
 from models.enums import Language, Verdict
 from pipelines.sandbox import isolation, runner
 from tests.conftest import unavailable
 from tests.factories import make_candidate, make_model_version, make_problem
 from tests.workers.conftest import collecting_iteration, count, register_reward_model
+from workers import execution as execution_queue
+from workers import labeling
 
 JS_PROMPT = "function add(a, b) {\n"
 JS_RIGHT = JS_PROMPT + "  return a + b;\n}\n"
@@ -123,7 +124,7 @@ def test_a_sandbox_that_fails_its_first_start_gives_the_real_verdict_on_the_seco
     wrong = make_candidate(pg_session, problem=problem, code=JS_WRONG, iteration_id=iteration.id)
     failing_bwrap.fail_first(2)  # each candidate's first run: one start each
 
-    assert flywheel.execute_problem(pg_session, iteration.id, problem.id) == 2
+    assert execution_queue.execute_candidates(pg_session, iteration.id, problem.id) == 2
 
     assert failing_bwrap.starts == 4
     for candidate, verdict in ((right, Verdict.OK), (wrong, Verdict.WRONG_ANSWER)):
@@ -148,15 +149,15 @@ def test_a_sandbox_that_never_starts_is_a_sandbox_error_and_never_labelled(
     )
     failing_bwrap.fail_first(1000)
 
-    assert flywheel.execute_problem(pg_session, iteration.id, problem.id) == 1
+    assert execution_queue.execute_candidates(pg_session, iteration.id, problem.id) == 1
 
-    assert failing_bwrap.starts == flywheel.SANDBOX_ATTEMPTS
+    assert failing_bwrap.starts == execution_queue.SANDBOX_ATTEMPTS
     execution = execution_of(pg_session, lost.id)
     assert execution.verdict == Verdict.SANDBOX_ERROR
-    assert execution.attempts == flywheel.SANDBOX_ATTEMPTS
+    assert execution.attempts == execution_queue.SANDBOX_ATTEMPTS
     assert execution.stderr_tail.startswith("bwrap:")
 
-    flywheel.label_problem(pg_session, iteration.id, problem.id)
+    labeling.label_candidates(pg_session, iteration.id, problem.id)
     assert count(pg_session, Score) == 2  # the neighbours were scored: labelling ran
     assert count(pg_session, Score, Score.candidate_id == lost.id) == 0
     assert count(pg_session, HardNegativeLabel, HardNegativeLabel.candidate_id == lost.id) == 0
@@ -168,7 +169,7 @@ def test_a_python_zygote_that_fails_to_start_is_retried(pg_session, failing_bwra
     candidate = make_candidate(pg_session, problem=problem, iteration_id=iteration.id)
     failing_bwrap.fail_first(1)
 
-    flywheel.execute_problem(pg_session, iteration.id, problem.id)
+    execution_queue.execute_candidates(pg_session, iteration.id, problem.id)
 
     assert execution_of(pg_session, candidate.id).verdict == Verdict.OK
     assert failing_bwrap.starts == 2  # the failed zygote, then the one that ran it
@@ -180,9 +181,9 @@ def test_a_python_zygote_that_never_starts_is_a_sandbox_error(pg_session, failin
     candidate = make_candidate(pg_session, problem=problem, iteration_id=iteration.id)
     failing_bwrap.fail_first(1000)
 
-    flywheel.execute_problem(pg_session, iteration.id, problem.id)
+    execution_queue.execute_candidates(pg_session, iteration.id, problem.id)
 
     execution = execution_of(pg_session, candidate.id)
     assert execution.verdict == Verdict.SANDBOX_ERROR  # not blamed on the candidate
-    assert execution.attempts == flywheel.SANDBOX_ATTEMPTS
+    assert execution.attempts == execution_queue.SANDBOX_ATTEMPTS
     assert "interpreter did not start" in execution.stderr_tail

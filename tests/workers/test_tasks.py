@@ -9,19 +9,21 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
-from app import db
-from app.db import session_scope
-from app.flywheel import FlywheelParams, ProblemsWithoutTests, open_iteration, reconcile
 from models import (
     Candidate,
     Execution,
     HardNegativeLabel,
     Iteration,
     ModelVersion,
+    Problem,
     Score,
     TrainingRun,
+    db,
 )
+from models.db import session_scope
 from models.enums import IterationStatus, ModelKind, RunKind, RunStatus, Verdict
+from models.repository import is_collected, problem_progress
+from models.settings import get_settings
 from tests.factories import make_candidate, make_problem
 from tests.workers.conftest import (
     add_problems,
@@ -30,20 +32,25 @@ from tests.workers.conftest import (
     queue_length,
     register_reward_model,
 )
-from workers import tasks
+from workers import execution, generation, labeling, runs, training
 from workers.after_commit import enqueue_after_commit, pending
 from workers.celery_app import celery
-from workers.control import enqueue_training
+from workers.iteration import (
+    FlywheelParams,
+    ProblemsWithoutTests,
+    maybe_trigger_retraining,
+    open_iteration,
+)
+from workers.reconcile import reconcile
+from workers.runs import enqueue_training
 
 MUTATION = FlywheelParams(backend="mutation", candidates=4, batch_size=2, policy_steps=0)
 
 
 def add_pair_problems(store, problems: int = 2) -> None:
     """HumanEval problems, each with a passing and a failing candidate: pairs to train on."""
-    from app import flywheel
-
     for problem_id in add_problems(store, problems):
-        problem = store.get(flywheel.Problem, problem_id)
+        problem = store.get(Problem, problem_id)
         make_candidate(
             store, problem=problem, code=problem.reference_solution + "\n", verdict=Verdict.OK
         )
@@ -94,22 +101,22 @@ def test_each_stage_runs_once_however_often_its_task_runs(store, broker_url, tin
     assert queue_length(broker_url, "generation") == 2  # batches of 2 problems
 
     # 1. generate: a second run of the same batch stores nothing new
-    tasks.generate_batch(iteration.id, problem_ids)
+    generation.generate_batch(iteration.id, problem_ids)
     candidates = count(store, Candidate, Candidate.iteration_id == iteration.id)
     assert candidates > 0
-    tasks.generate_batch(iteration.id, problem_ids)
+    generation.generate_batch(iteration.id, problem_ids)
     assert count(store, Candidate, Candidate.iteration_id == iteration.id) == candidates
     assert queue_length(broker_url, "execution") == 2 * len(problem_ids)  # follow-ups re-sent
 
     # 2. execute: one verdict per candidate, however often
     for problem_id in problem_ids * 2:
-        tasks.execute_problem(iteration.id, problem_id)
+        execution.execute_problem(iteration.id, problem_id)
     assert count(store, Execution, Execution.iteration_id == iteration.id) == candidates
     assert queue_length(broker_url, "labeling") == 2 * len(problem_ids)
 
     # 3. label: scores and labels once; the iteration then asks for its retraining
     for problem_id in problem_ids * 2:
-        tasks.label_problem(iteration.id, problem_id)
+        labeling.label_problem(iteration.id, problem_id)
     store.expire_all()
     assert count(store, Score) == candidates
     labels = count(store, HardNegativeLabel)
@@ -126,8 +133,6 @@ def test_each_stage_runs_once_however_often_its_task_runs(store, broker_url, tin
 def test_concurrent_labelers_trigger_one_retraining(store, broker_url, flywheel_env, monkeypatch):
     """Two labelers cross the threshold at once, in two transactions; the unique
     partial index lets one create the run, and the other gets that run back."""
-    from app import flywheel
-
     problem = make_problem(store)
     reward = register_reward_model(store, Path(flywheel_env["RR_REWARD_MODEL"]))
     iteration = collecting_iteration(store, problem, reward)
@@ -138,7 +143,7 @@ def test_concurrent_labelers_trigger_one_retraining(store, broker_url, flywheel_
         store.add(HardNegativeLabel(candidate_id=candidate.id, reward_model_version_id=reward.id,
                                     iteration_id=iteration.id, rule="test"))  # fmt: skip
     store.commit()
-    monkeypatch.setattr(flywheel.get_settings(), "retrain_threshold", 2)
+    monkeypatch.setattr(get_settings(), "retrain_threshold", 2)
 
     first_inserted = threading.Event()
     results = {}
@@ -147,7 +152,7 @@ def test_concurrent_labelers_trigger_one_retraining(store, broker_url, flywheel_
         with db.get_sessionmaker()() as session:
             if name == "second":
                 first_inserted.wait(10)
-            run = flywheel.maybe_trigger_retraining(session, iteration.id)
+            run = maybe_trigger_retraining(session, iteration.id)
             if name == "first":
                 first_inserted.set()
                 threading.Event().wait(hold_s)  # the second now blocks on the index
@@ -167,8 +172,6 @@ def test_concurrent_labelers_trigger_one_retraining(store, broker_url, flywheel_
 def test_a_crashed_training_registers_nothing_and_can_be_enqueued_again(
     store, flywheel_env, tmp_path, tiny_model_dir, monkeypatch
 ):
-    from app import flywheel
-
     add_pair_problems(store)
     store.commit()
     broken = tmp_path / "broken-backbone"
@@ -176,12 +179,12 @@ def test_a_crashed_training_registers_nothing_and_can_be_enqueued_again(
     for item in tiny_model_dir.iterdir():
         (broken / item.name).write_bytes(item.read_bytes())
     (broken / "model.safetensors").write_bytes(b"not weights")  # fails mid-load, after config
-    monkeypatch.setattr(flywheel.get_settings(), "reward_model", str(broken))
+    monkeypatch.setattr(get_settings(), "reward_model", str(broken))
 
     run, created = enqueue_training(store, RunKind.REWARD)
     store.commit()
     assert created
-    tasks.run_training(run.id)
+    training.run_training(run.id)
     store.expire_all()
     failed = store.get(TrainingRun, run.id)
     assert failed.status == RunStatus.FAILED and "safetensors" in failed.error.lower()
@@ -189,11 +192,11 @@ def test_a_crashed_training_registers_nothing_and_can_be_enqueued_again(
     reward_dir = Path(flywheel_env["RR_DATA_DIR"]) / "models" / "reward"
     assert not reward_dir.exists() or list(reward_dir.iterdir()) == []
 
-    monkeypatch.setattr(flywheel.get_settings(), "reward_model", str(tiny_model_dir))
+    monkeypatch.setattr(get_settings(), "reward_model", str(tiny_model_dir))
     again, created = enqueue_training(store, RunKind.REWARD)
     store.commit()
     assert created and again.id != run.id
-    tasks.run_training(again.id)
+    training.run_training(again.id)
     store.expire_all()
     assert store.get(TrainingRun, again.id).status == RunStatus.SUCCEEDED
     version = store.scalars(select(ModelVersion).where(ModelVersion.kind == ModelKind.REWARD)).one()
@@ -223,8 +226,6 @@ def test_reconcile_fails_a_run_whose_worker_died_and_resends_queued_ones(store, 
 
 
 def test_sandbox_errors_are_never_labelled(store, tiny_model_dir):
-    from app import flywheel
-
     problem = make_problem(store)
     reward = register_reward_model(store, tiny_model_dir)
     iteration = collecting_iteration(store, problem, reward)
@@ -236,12 +237,12 @@ def test_sandbox_errors_are_never_labelled(store, tiny_model_dir):
         make_candidate(
             store, problem=problem, verdict=Verdict.WRONG_ANSWER, iteration_id=iteration.id
         )
-    flywheel.label_problem(store, iteration.id, problem.id)
+    labeling.label_candidates(store, iteration.id, problem.id)
     assert count(store, Score, Score.candidate_id == lost.id) == 0
     assert count(store, HardNegativeLabel, HardNegativeLabel.candidate_id == lost.id) == 0
     assert count(store, Score) == 4
     # Collection is complete without a score for the SANDBOX_ERROR candidate.
-    assert flywheel.is_collected(flywheel.problem_progress(store, iteration))
+    assert is_collected(problem_progress(store, iteration))
 
 
 def test_train_command_enqueues_onto_the_training_queue_and_never_runs_inline(
@@ -267,16 +268,14 @@ def test_train_command_enqueues_onto_the_training_queue_and_never_runs_inline(
 
 
 def test_keep_alive_beats_the_heartbeat_between_progress_reports(store, flywheel_env):
-    from app import flywheel
-    from workers.control import keep_alive
 
     run, _ = enqueue_training(store, RunKind.REWARD)
     store.commit()
-    assert flywheel.claim_run(store, run.id)
+    assert runs.claim_run(store, run.id)
     store.commit()
     store.expire_all()
     claimed_beat = store.get(TrainingRun, run.id).heartbeat_at
-    with keep_alive(run.id, every_s=0.2):
+    with runs.keep_alive(run.id, every_s=0.2):
         time.sleep(1.0)  # a long training step: no progress report
     store.expire_all()
     beaten = store.get(TrainingRun, run.id)
@@ -287,20 +286,18 @@ def test_keep_alive_beats_the_heartbeat_between_progress_reports(store, flywheel
 def test_a_training_given_up_by_reconcile_registers_nothing(
     store, flywheel_env, tiny_model_dir, monkeypatch
 ):
-    from app import flywheel
-
     add_pair_problems(store)
-    monkeypatch.setattr(flywheel.get_settings(), "reward_model", str(tiny_model_dir))
+    monkeypatch.setattr(get_settings(), "reward_model", str(tiny_model_dir))
     run, _ = enqueue_training(store, RunKind.REWARD)
     store.commit()
-    assert flywheel.claim_run(store, run.id)
+    assert runs.claim_run(store, run.id)
     # The worker's heartbeat went stale (a step longer than the limit, before
     # keep_alive): reconcile gives the run up while it is still training.
-    flywheel.reconcile(store, stale_after=timedelta(0))
+    reconcile(store, stale_after=timedelta(0))
     store.commit()
 
-    with pytest.raises(flywheel.RunLost), session_scope() as session:
-        flywheel.train_run(session, run.id, lambda fraction: None)
+    with pytest.raises(runs.RunLost), session_scope() as session:
+        training.train_run(session, run.id, lambda fraction: None)
 
     store.expire_all()
     assert store.get(TrainingRun, run.id).status == RunStatus.FAILED

@@ -1,27 +1,30 @@
-"""Manual and automatic control of trainings: a run row first, then the queue.
+"""The training-run lifecycle: enqueue, claim, heartbeat, register, fail.
 
 A training is a `TrainingRun` row (queued -> running -> succeeded | failed)
-started by the short `training.run` task. The broker message is acknowledged on
-receipt; from then on the row, its heartbeat and its progress are the truth.
+started by the short `training.run` task (`workers.training`). The broker message
+is acknowledged on receipt; from then on the row, its heartbeat and its progress
+are the truth.
 """
 
 import logging
+import shutil
 import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from app.db import session_scope
-from app.flywheel import heartbeat
-from models import TrainingRun
+from models import ModelVersion, TrainingRun
+from models.base import utcnow
+from models.db import session_scope
 from models.enums import RunKind, RunStatus
 from workers.after_commit import enqueue_after_commit
 from workers.celery_app import celery
+from workers.names import RUN_TRAINING
 
 ACTIVE = (RunStatus.QUEUED, RunStatus.RUNNING)
 log = logging.getLogger(__name__)
@@ -58,8 +61,13 @@ def enqueue_training(
         if winner is None:  # the winner finished in between: nothing to add
             raise
         return winner, False
-    enqueue_after_commit(session, celery.signature("training.run", args=(run.id,)))
+    send_run(session, run.id)
     return run, True
+
+
+def send_run(session: Session, run_id: int) -> None:
+    """Send the run's training task once `session` commits."""
+    enqueue_after_commit(session, celery.signature(RUN_TRAINING, args=(run_id,)))
 
 
 class Heartbeat:
@@ -122,3 +130,60 @@ def follow_run(
         if run.status not in ACTIVE:
             return run
         time.sleep(poll_s)
+
+
+class RunLost(RuntimeError):
+    """A training finished after reconcile had given its run up (no heartbeat):
+    its result is dropped, since a replacement run may already be training."""
+
+
+def claim_run(session: Session, run_id: int) -> bool:
+    """Mark a queued run running; False when another delivery already took it."""
+    now = utcnow()
+    claimed = session.execute(
+        update(TrainingRun)
+        .where(TrainingRun.id == run_id, TrainingRun.status == RunStatus.QUEUED)
+        .values(status=RunStatus.RUNNING, started_at=now, heartbeat_at=now, progress=0.0)
+    )
+    return claimed.rowcount == 1
+
+
+def succeed_run(session: Session, run_id: int, version: ModelVersion) -> TrainingRun:
+    """Register the run's model as its result, if the run is still ours; the model
+    row and the run's success are flushed together, so the caller's commit
+    publishes both or neither."""
+    run = session.get(TrainingRun, run_id)
+    # Still ours? Reconcile fails a run whose heartbeat went stale and may have
+    # queued another: registering this one too would train the stage twice.
+    session.refresh(run, with_for_update=True)
+    if run.status != RunStatus.RUNNING:
+        shutil.rmtree(version.path, ignore_errors=True)  # the caller rolls its row back
+        raise RunLost(f"training run {run_id} was given up ({run.status}) before it finished")
+    run.status = RunStatus.SUCCEEDED
+    run.progress = 1.0
+    run.finished_at = utcnow()
+    run.result_model_version_id = version.id
+    run.metrics = {k: v for k, v in version.metrics.items() if isinstance(v, int | float)}
+    return run
+
+
+def fail_run(session: Session, run_id: int, error: str) -> None:
+    session.execute(
+        update(TrainingRun)
+        .where(
+            TrainingRun.id == run_id, TrainingRun.status.in_([RunStatus.QUEUED, RunStatus.RUNNING])
+        )
+        .values(status=RunStatus.FAILED, error=error[-4000:], finished_at=utcnow())
+    )
+
+
+def heartbeat(session: Session, run_id: int, fraction: float | None = None) -> None:
+    """Mark a running run alive, and record its progress when given."""
+    values: dict[str, Any] = {"heartbeat_at": utcnow()}
+    if fraction is not None:
+        values["progress"] = max(0.0, min(1.0, float(fraction)))
+    session.execute(
+        update(TrainingRun)
+        .where(TrainingRun.id == run_id, TrainingRun.status == RunStatus.RUNNING)
+        .values(**values)
+    )

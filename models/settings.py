@@ -1,5 +1,6 @@
 """The one settings object. Every field reads from an `RR_`-prefixed variable."""
 
+import tempfile
 from datetime import timedelta
 from functools import lru_cache
 from ipaddress import ip_address
@@ -47,6 +48,10 @@ class Settings(BaseSettings):
     )
     sandbox_insecure: bool = Field(
         False, description="Run candidates without isolation when none works (never in production)."
+    )
+    sandbox_dir: Path = Field(
+        Path(tempfile.gettempdir()) / "rewardranker-sandbox",
+        description="The sandbox's runtime folder: slots, the compile cache, the zygote's files.",
     )
     api_host: str = Field("127.0.0.1", description="Address the HTTP API binds to.")
     api_port: int = Field(8000, ge=1, le=65535)
