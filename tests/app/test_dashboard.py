@@ -13,6 +13,7 @@ import uvicorn
 from fastapi.testclient import TestClient
 
 from app.api import create_app
+from app.report import PLOTS
 from models.settings import Settings
 from tests.app.conftest import Seeded, seed_store, serve_session
 from tests.conftest import unavailable
@@ -65,7 +66,9 @@ def test_dashboard_filters_candidates_in_chromium(served):
             page.goto(base + "/")
             assert page.locator("#iterations tbody tr").count() == 2
             images = page.locator(".plots img")
-            assert images.count() == 5
+            assert images.count() == len(PLOTS)
+            # The paper's question comes first: held-out pass@1 with intervals.
+            assert images.first.get_attribute("src") == "/plots/held_out.png"
             page.wait_for_load_state("networkidle")
             widths = images.evaluate_all("imgs => imgs.map(i => i.naturalWidth)")
             assert all(width > 100 for width in widths), widths  # every plot decoded as an image
