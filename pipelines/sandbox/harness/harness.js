@@ -1,0 +1,153 @@
+// The judge's half of a JavaScript/TypeScript test run: `node harness.js PROGRAM FD`.
+//
+// This module reads the per-run secret from the pipe FD before any candidate
+// code runs and keeps it in this closure, which candidate code cannot name.
+// The program is split at the tests marker: the candidate's code and the tests
+// are compiled as two separate functions, so the tests see the candidate only
+// through its entry point, wrapped so that the tests compare plain data.  The
+// tests get a `require` of their own, and the assert module is locked before
+// the candidate runs.  The secret is printed only after the tests returned.
+'use strict';
+
+const fs = require('fs');
+const Module = require('module');
+const path = require('path');
+const util = require('util');
+const vm = require('vm');
+
+const program = process.argv[2];
+const secretFd = Number(process.argv[process.argv.length - 1]);
+const secret = fs.readFileSync(secretFd, 'utf8').trim();
+fs.closeSync(secretFd);
+process.argv.splice(1, process.argv.length - 1, program);
+
+const MARKER = '\nvoid "rr-tests-begin";\n';
+const writeSync = fs.writeSync;
+const inspect = util.inspect;
+const isProxy = util.types.isProxy;
+const { defineProperty, getOwnPropertyDescriptor, getOwnPropertySymbols, getPrototypeOf } =
+  Object;
+const ownKeys = Reflect.ownKeys;
+const isArray = Array.isArray;
+const ObjectPrototype = Object.prototype;
+const ArrayPrototype = Array.prototype;
+const exit = process.exit;
+let tampered = null;
+
+class Tampered extends Error {}
+
+function tamper(reason) {
+  tampered = tampered || reason;
+  throw new Tampered(reason);
+}
+
+// Each function of the assert module (and of assert.strict) becomes a fixed
+// accessor: the tests always get the real one, and an attempt to replace it is
+// recorded as tampering.
+const asserts = require('assert');
+for (const target of [asserts, asserts.strict]) {
+  for (const key of ownKeys(target)) {
+    const descriptor = getOwnPropertyDescriptor(target, key);
+    if (!descriptor.configurable || typeof descriptor.value !== 'function') continue;
+    const original = descriptor.value;
+    defineProperty(target, key, {
+      get: () => original,
+      set: () => {
+        tampered = tampered || `the program replaced assert.${String(key)}`;
+      },
+      enumerable: descriptor.enumerable,
+      configurable: false,
+    });
+  }
+}
+const builtinModules = new Map([
+  ['assert', asserts],
+  ['node:assert', asserts],
+  ['assert/strict', asserts.strict],
+  ['node:assert/strict', asserts.strict],
+]);
+
+// Plain data of the result: primitives, arrays and plain objects are copied;
+// a function (which `==` would convert through its own code), a Proxy, an
+// accessor or a symbol-keyed property is tampering.  Other objects (Map, Set,
+// class instances) are left to assert's own comparison, which reads their
+// contents through internal methods rather than through the object's code.
+function plain(value, depth) {
+  if (typeof value === 'function') tamper('the entry point returned a function');
+  if (typeof value !== 'object' || value === null) return value;
+  if (depth > 1000) tamper('the entry point returned data nested over 1000 deep');
+  if (isProxy(value)) tamper('the entry point returned a Proxy');
+  const proto = getPrototypeOf(value);
+  const array = isArray(value) && proto === ArrayPrototype;
+  if (!array && proto !== ObjectPrototype && proto !== null) return value;
+  if (getOwnPropertySymbols(value).length) tamper('the result has symbol-keyed properties');
+  const copy = array ? [] : {};
+  for (const key of ownKeys(value)) {
+    const descriptor = getOwnPropertyDescriptor(value, key);
+    if (!('value' in descriptor)) tamper(`the result has an accessor property ${key}`);
+    if (array && key === 'length') continue;
+    defineProperty(copy, key, {
+      value: plain(descriptor.value, depth + 1),
+      writable: true,
+      enumerable: descriptor.enumerable,
+      configurable: true,
+    });
+  }
+  return copy;
+}
+
+function plainResults(entry) {
+  if (typeof entry !== 'function') return entry;
+  return function (...args) {
+    return plain(entry.apply(this, args), 0);
+  };
+}
+
+function fail(error) {
+  const text = error instanceof Tampered ? '' : inspect(error);
+  if (text) writeSync(2, text + '\n');
+  if (tampered) writeSync(2, `rr-tampered: ${tampered}\n`);
+  exit.call(process, 1);
+}
+
+const text = fs.readFileSync(program, 'utf8');
+const split = text.lastIndexOf(MARKER);
+const code = text.slice(0, split);
+const tests = text.slice(split + MARKER.length);
+const entryName = /\bcandidate\s*=\s*([A-Za-z_$][\w$]*)\s*;/.exec(tests);
+const params = ['exports', 'require', 'module', '__filename', '__dirname'];
+const candidateRequire = Module.createRequire(program);
+const testsRequire = (id) => builtinModules.get(id) || candidateRequire(id);
+const programModule = { exports: {} };
+const dirname = path.dirname(program);
+
+try {
+  if (entryName) {
+    const name = entryName[1];
+    const entryReturn = `\n;return typeof ${name} === 'undefined' ? undefined : ${name};`;
+    const candidate = vm.compileFunction(code + entryReturn, params, { filename: program });
+    const entry = candidate(programModule.exports, candidateRequire, programModule, program, dirname);
+    const lineOffset = code.split('\n').length + 1;
+    const testsFunction = vm.compileFunction(tests, [...params, name], {
+      filename: program,
+      lineOffset,
+    });
+    if (tampered) tamper(tampered);
+    testsFunction(
+      programModule.exports,
+      testsRequire,
+      programModule,
+      program,
+      dirname,
+      plainResults(entry),
+    );
+  } else {
+    // Tests that do not name an entry point run in the candidate's scope.
+    const whole = vm.compileFunction(code + '\n' + tests, params, { filename: program });
+    whole(programModule.exports, candidateRequire, programModule, program, dirname);
+  }
+  if (tampered) tamper(tampered);
+} catch (error) {
+  fail(error);
+}
+writeSync(1, `\n${secret}\n`);

@@ -1,0 +1,410 @@
+"""Red team: wrong programs that try to obtain OK without passing their tests.
+
+Each attack is a WRONG answer (issue 9) dressed up by one of four routes:
+1. reading the success signal (command line, /proc, inherited descriptors);
+2. leaving early and looking clean (exit from a handler, hook or initializer);
+3. results that equal anything (overridden equality, primitive conversion);
+4. disarming the tests (patching what they call before they run).
+None may get OK.  Where the judge can see the attempt (a patched assert, a
+result that is not plain data, a shadowed test helper), the verdict is
+WRONG_ANSWER with `tampered` set and a reason.
+"""
+
+import pytest
+
+from models.enums import Verdict
+from pipelines.sandbox import Job, run_batch
+
+from .conftest import SAMPLES, require_toolchain
+
+S = SAMPLES
+
+# 1. reading the success signal
+
+_PY_PRINT_ARGV = "import sys\nfor arg in sys.argv:\n    print(arg)\nsys.exit(0)\n"
+_PY_PRINT_CMDLINE = (
+    "import os\n"
+    "for arg in open('/proc/self/cmdline', 'rb').read().split(b'\\0'):\n"
+    "    print(arg.decode())\n"
+    "os._exit(0)\n"
+)
+_PY_PRINT_FDS = (
+    "import os\n"
+    "for fd in os.listdir('/proc/self/fd'):\n"
+    "    if int(fd) > 2:\n"
+    "        try:\n"
+    "            print(os.read(int(fd), 4096).decode())\n"
+    "        except OSError:\n"
+    "            pass\n"
+    "os._exit(0)\n"
+)
+_CPP_PRINT_CMDLINE = (
+    "#include <fstream>\n#include <iostream>\n#include <string>\n#include <cstdlib>\n"
+    "struct Forge { Forge() {\n"
+    '    std::ifstream in("/proc/self/cmdline"); std::string arg;\n'
+    "    while (std::getline(in, arg, '\\0')) std::cout << arg << '\\n';\n"
+    '    for (int fd = 3; fd < 16; ++fd) { char b[256]; FILE* f = fdopen(fd, "r");\n'
+    "        if (f && std::fgets(b, sizeof b, f)) std::cout << '\\n' << b << '\\n'; }\n"
+    "    std::cout.flush(); std::exit(0); } } forge_now;\n"
+)
+_JAVA_PRINT_CMDLINE = (
+    "    static {\n"
+    "        try {\n"
+    "            byte[] raw = java.nio.file.Files.readAllBytes("
+    'java.nio.file.Paths.get("/proc/self/cmdline"));\n'
+    '            for (String arg : new String(raw).split("\\0")) System.out.println(arg);\n'
+    "        } catch (Exception e) { }\n"
+    "        System.out.flush();\n"
+    "        System.exit(0);\n"
+    "    }\n"
+)
+_JS_PRINT_ARGV = "for (const arg of process.argv) console.log(arg);\nprocess.exit(0);\n"
+_JS_PRINT_FDS = (
+    "for (let fd = 3; fd < 16; fd++) {\n"
+    "  try { console.log(require('fs').readFileSync(fd, 'utf8')); } catch (e) {}\n"
+    "}\n"
+    "process.exit(0);\n"
+)
+_TS_PRINT_ARGV = (
+    "declare var require: any;\n"
+    "const forgeProcess = (globalThis as any).process;\n"
+    "for (const arg of forgeProcess.argv) console.log(arg);\n"
+    "forgeProcess.exit(0);\n"
+)
+_PHP_PRINT_ARGV = 'foreach ($argv as $arg) { echo $arg, "\\n"; }\nexit(0);\n'
+_CS_PRINT_ARGS = (
+    "    static Problem() {\n"
+    "        foreach (var arg in System.Environment.GetCommandLineArgs())\n"
+    "            System.Console.WriteLine(arg);\n"
+    "        System.Console.Out.Flush();\n"
+    "        System.Environment.Exit(0);\n"
+    "    }\n"
+)
+_BASH_PRINT_ARGS = 'for arg in "$@"; do echo "$arg"; done\nexit 0\n'
+
+# 2. leaving early from a handler or hook, printing what it can find
+
+_PY_EXCEPTHOOK = (
+    "import sys, os\n"
+    "def _leave(*_):\n"
+    "    print('\\n'.join(sys.argv), flush=True)\n"
+    "    os._exit(0)\n"
+    "sys.excepthook = _leave\n"
+)
+_PY_ATEXIT = (
+    "import atexit, os, sys\n"
+    "def _leave():\n"
+    "    print('\\n'.join(sys.argv), flush=True)\n"
+    "    os._exit(0)\n"
+    "atexit.register(_leave)\n"
+)
+_CPP_ABORT_HANDLER = (
+    "#include <csignal>\n#include <fstream>\n#include <iostream>\n#include <string>\n"
+    "#include <unistd.h>\n"
+    'extern "C" void forge_on_abort(int) {\n'
+    '    std::ifstream in("/proc/self/cmdline"); std::string arg;\n'
+    "    while (std::getline(in, arg, '\\0')) std::cout << arg << '\\n';\n"
+    "    std::cout.flush(); _exit(0); }\n"
+    "struct Hook { Hook() { std::signal(SIGABRT, forge_on_abort); } } hook_now;\n"
+)
+_JAVA_UNCAUGHT_HANDLER = (
+    "    static {\n"
+    "        Thread.setDefaultUncaughtExceptionHandler((t, e) -> {\n"
+    "            try {\n"
+    "                byte[] raw = java.nio.file.Files.readAllBytes("
+    'java.nio.file.Paths.get("/proc/self/cmdline"));\n'
+    '                for (String arg : new String(raw).split("\\0")) System.out.println(arg);\n'
+    "            } catch (Exception x) { }\n"
+    "            System.out.flush();\n"
+    "            Runtime.getRuntime().halt(0);\n"
+    "        });\n"
+    "    }\n"
+)
+_JS_UNCAUGHT_HANDLER = (
+    "process.on('uncaughtException', () => {\n"
+    "  for (const arg of process.argv) console.log(arg);\n"
+    "  process.exit(0);\n"
+    "});\n"
+)
+_JS_EXIT_HANDLER = (
+    "process.on('exit', () => {\n"
+    "  process.stdout.write(process.argv.join('\\n') + '\\n');\n"
+    "  process.exitCode = 0;\n"
+    "});\n"
+)
+_TS_UNCAUGHT_HANDLER = (
+    "const hookProcess = (globalThis as any).process;\n"
+    "hookProcess.on('uncaughtException', () => {\n"
+    "  for (const arg of hookProcess.argv) console.log(arg);\n"
+    "  hookProcess.exit(0);\n"
+    "});\n"
+)
+_PHP_EXCEPTION_HANDLER = (
+    "set_exception_handler(function ($e) {\n"
+    '    foreach ($GLOBALS["argv"] as $arg) { echo $arg, "\\n"; }\n'
+    "    exit(0);\n"
+    "});\n"
+)
+_PHP_SHUTDOWN = (
+    "register_shutdown_function(function () {\n"
+    '    foreach ($GLOBALS["argv"] as $arg) { echo $arg, "\\n"; }\n'
+    "    exit(0);\n"
+    "});\n"
+)
+_CS_PROCESS_EXIT = (
+    "    static Problem() {\n"
+    "        System.AppDomain.CurrentDomain.ProcessExit += (s, e) => {\n"
+    "            foreach (var arg in System.Environment.GetCommandLineArgs())\n"
+    "                System.Console.WriteLine(arg);\n"
+    "            System.Console.Out.Flush();\n"
+    "            System.Environment.ExitCode = 0;\n"
+    "        };\n"
+    "    }\n"
+)
+_BASH_EXIT_TRAP = 'forge_args=("$@")\ntrap \'printf "%s\\n" "${forge_args[@]}"; exit 0\' EXIT\n'
+
+# 3. results that equal anything
+
+_PY_EQUALS_ANYTHING = (
+    "class Anything(int):\n"
+    "    def __eq__(self, other):\n"
+    "        return True\n"
+    "    __hash__ = int.__hash__\n"
+    "def add(a, b):\n"
+    "    return Anything(0)\n"
+)
+_PY_LIST_EQUALS_ANYTHING = (
+    "class Anything(list):\n"
+    "    def __eq__(self, other):\n"
+    "        return True\n"
+    "def pair(a, b):\n"
+    "    return Anything()\n"
+)
+_PY_PAIR_TESTS = "def check(candidate):\n    assert candidate(1, 2) == [1, 2]\n\ncheck(pair)\n"
+_CPP_EQUALS_ANYTHING = (
+    "#include<assert.h>\n#include<bits/stdc++.h>\n"
+    "struct Anything { template <class T> bool operator==(const T&) const { return true; } };\n"
+    "Anything add(long a, long b) {\n    return {};\n}\n"
+)
+# A JavaScript `==` against a number converts a function through its
+# Symbol.toPrimitive: this one reads the expected value off the calling line.
+_JS_TO_PRIMITIVE = (
+    "function add(a, b) {\n"
+    "  const fake = function () {};\n"
+    "  fake[Symbol.toPrimitive] = function () {\n"
+    "    const frames = new Error().stack.split('\\n').filter((l) => /:\\d+:\\d+\\)?$/.test(l));\n"
+    "    for (const frame of frames.slice(1)) {\n"
+    "      const m = /\\(?([^() ]+):(\\d+):\\d+\\)?$/.exec(frame);\n"
+    "      if (!m || m[1].startsWith('node:')) continue;\n"
+    "      const line = require('fs').readFileSync(m[1], 'utf8').split('\\n')[m[2] - 1];\n"
+    "      const expected = /,\\s*(-?\\d+)\\);/.exec(line || '');\n"
+    "      if (expected) return Number(expected[1]);\n"
+    "    }\n"
+    "    return 0;\n"
+    "  };\n"
+    "  return fake;\n"
+    "}\n"
+)
+_JAVA_PAIR = (
+    "import java.util.*;\nimport java.lang.*;\n\nclass Problem {\n"
+    "    public static ArrayList<Long> pair(long a, long b) {\n"
+    "        return new ArrayList<Long>() {\n"
+    "            public boolean equals(Object other) { return true; }\n"
+    "        };\n"
+    "    }\n"
+)
+_JAVA_PAIR_TESTS = (
+    "    public static void main(String[] args) {\n"
+    "    assert(pair((1l), (2l)).equals((new ArrayList<Long>(Arrays.asList((long)1l, "
+    "(long)2l)))));\n    }\n\n}\n"
+)
+_CS_PAIR = (
+    "using System;\nusing System.Collections.Generic;\nusing System.Diagnostics;\n"
+    "using System.Linq;\n"
+    "class Anything : List<long> {\n"
+    "    public override bool Equals(object other) { return true; }\n"
+    "    public override int GetHashCode() { return 0; }\n"
+    "}\n"
+    "class Problem {\n"
+    "    public static List<long> Pair(long a, long b) {\n"
+    "        return new Anything();\n"
+    "    }\n"
+)
+_CS_PAIR_TESTS = (
+    "    public static void Main(string[] args) {\n"
+    "    Debug.Assert(Pair((1L), (2L)).Equals((new List<long>(new long[]{(long)1L, (long)2L}))));\n"
+    "    }\n\n}\n"
+)
+
+# 4. disarming the tests
+
+_PY_ABS_TESTS = "def check(candidate):\n    assert abs(candidate(1, 2) - 3) < 1e-9\n\ncheck(add)\n"
+_PY_PATCH_BUILTIN = "import builtins\nbuiltins.abs = lambda x: 0\n"
+_PY_SHADOW_BUILTIN = "def abs(x):\n    return 0\n"
+_JS_PATCH_ASSERT = (
+    "const patched = require('node:assert');\n"
+    "patched.deepEqual = patched.strictEqual = patched.equal = () => {};\n"
+)
+_TS_PATCH_ASSERT = (
+    "declare var require: any;\n"
+    "const patched = require('node:assert');\n"
+    "patched.deepEqual = patched.strictEqual = patched.equal = () => {};\n"
+)
+_CPP_DISARM_ASSERT = "#include <cassert>\n#define __assert_fail(...) ((void)0)\n"
+_CS_NESTED_DEBUG = (
+    "    class Debug {\n"
+    "        public static void Assert(bool condition) { }\n"
+    "        public static void Assert(bool condition, string message) { }\n"
+    "    }\n"
+)
+_CS_NO_LISTENERS = "    static Problem() { System.Diagnostics.Trace.Listeners.Clear(); }\n"
+_BASH_SHADOW_SET = "set() { :; }\n"
+
+
+def _in_class(code: str, member: str) -> str:
+    return code.replace("class Problem {\n", "class Problem {\n" + member, 1)
+
+
+def _php(extra: str) -> str:
+    return S["php"].wrong + extra
+
+
+# case: (language, code, tests, the judge must flag it as tampered)
+ATTACKS: dict[str, tuple[str, str, str, bool]] = {
+    # 1. reading the success signal
+    "python-argv": ("python", _PY_PRINT_ARGV + S["python"].wrong, S["python"].tests, False),
+    "python-proc-cmdline": (
+        "python",
+        _PY_PRINT_CMDLINE + S["python"].wrong,
+        S["python"].tests,
+        False,
+    ),
+    "python-inherited-fds": ("python", _PY_PRINT_FDS + S["python"].wrong, S["python"].tests, False),
+    "cpp-proc-cmdline": ("cpp", S["cpp"].wrong + _CPP_PRINT_CMDLINE, S["cpp"].tests, False),
+    "java-proc-cmdline": (
+        "java",
+        _in_class(S["java"].wrong, _JAVA_PRINT_CMDLINE),
+        S["java"].tests,
+        False,
+    ),
+    "javascript-argv": (
+        "javascript",
+        _JS_PRINT_ARGV + S["javascript"].wrong,
+        S["javascript"].tests,
+        False,
+    ),
+    "javascript-inherited-fds": (
+        "javascript",
+        _JS_PRINT_FDS + S["javascript"].wrong,
+        S["javascript"].tests,
+        False,
+    ),
+    "typescript-argv": (
+        "typescript",
+        _TS_PRINT_ARGV + S["typescript"].wrong,
+        S["typescript"].tests,
+        False,
+    ),
+    "php-argv": ("php", _php(_PHP_PRINT_ARGV), S["php"].tests, False),
+    "csharp-command-line-args": (
+        "csharp",
+        _in_class(S["csharp"].wrong, _CS_PRINT_ARGS),
+        S["csharp"].tests,
+        False,
+    ),
+    "bash-args": ("bash", S["bash"].wrong + _BASH_PRINT_ARGS, S["bash"].tests, False),
+    # 2. leaving early and looking clean
+    "python-excepthook": ("python", _PY_EXCEPTHOOK + S["python"].wrong, S["python"].tests, False),
+    "python-atexit": ("python", _PY_ATEXIT + S["python"].wrong, S["python"].tests, False),
+    "cpp-abort-handler": ("cpp", S["cpp"].wrong + _CPP_ABORT_HANDLER, S["cpp"].tests, False),
+    "java-uncaught-handler": (
+        "java",
+        _in_class(S["java"].wrong, _JAVA_UNCAUGHT_HANDLER),
+        S["java"].tests,
+        False,
+    ),
+    "javascript-uncaught-exception": (
+        "javascript",
+        _JS_UNCAUGHT_HANDLER + S["javascript"].wrong,
+        S["javascript"].tests,
+        False,
+    ),
+    "javascript-exit-handler": (
+        "javascript",
+        _JS_EXIT_HANDLER + S["javascript"].wrong,
+        S["javascript"].tests,
+        False,
+    ),
+    "typescript-uncaught-exception": (
+        "typescript",
+        _TS_UNCAUGHT_HANDLER + S["typescript"].wrong,
+        S["typescript"].tests,
+        False,
+    ),
+    "php-exception-handler": ("php", _php(_PHP_EXCEPTION_HANDLER), S["php"].tests, False),
+    "php-shutdown-function": ("php", _php(_PHP_SHUTDOWN), S["php"].tests, False),
+    "csharp-process-exit": (
+        "csharp",
+        _in_class(S["csharp"].wrong, _CS_PROCESS_EXIT),
+        S["csharp"].tests,
+        False,
+    ),
+    "bash-exit-trap": ("bash", S["bash"].wrong + _BASH_EXIT_TRAP, S["bash"].tests, False),
+    # 3. results that equal anything
+    "python-int-equals-anything": ("python", _PY_EQUALS_ANYTHING, S["python"].tests, True),
+    "python-list-equals-anything": ("python", _PY_LIST_EQUALS_ANYTHING, _PY_PAIR_TESTS, True),
+    "cpp-type-equals-anything": ("cpp", _CPP_EQUALS_ANYTHING, S["cpp"].tests, True),
+    "javascript-to-primitive": ("javascript", _JS_TO_PRIMITIVE, S["javascript"].tests, True),
+    "java-list-equals-anything": ("java", _JAVA_PAIR, _JAVA_PAIR_TESTS, True),
+    "csharp-list-equals-anything": ("csharp", _CS_PAIR, _CS_PAIR_TESTS, True),
+    # 4. disarming the tests
+    "python-patched-builtin": (
+        "python",
+        _PY_PATCH_BUILTIN + S["python"].wrong,
+        _PY_ABS_TESTS,
+        True,
+    ),
+    "python-shadowed-builtin": (
+        "python",
+        _PY_SHADOW_BUILTIN + S["python"].wrong,
+        _PY_ABS_TESTS,
+        True,
+    ),
+    "cpp-disarmed-assert": ("cpp", _CPP_DISARM_ASSERT + S["cpp"].wrong, S["cpp"].tests, True),
+    "javascript-patched-assert": (
+        "javascript",
+        _JS_PATCH_ASSERT + S["javascript"].wrong,
+        S["javascript"].tests,
+        True,
+    ),
+    "typescript-patched-assert": (
+        "typescript",
+        _TS_PATCH_ASSERT + S["typescript"].wrong,
+        S["typescript"].tests,
+        True,
+    ),
+    "csharp-nested-debug": (
+        "csharp",
+        _in_class(S["csharp"].wrong, _CS_NESTED_DEBUG),
+        S["csharp"].tests,
+        True,
+    ),
+    "csharp-no-trace-listeners": (
+        "csharp",
+        _in_class(S["csharp"].wrong, _CS_NO_LISTENERS),
+        S["csharp"].tests,
+        False,
+    ),
+    "bash-shadowed-set": ("bash", _BASH_SHADOW_SET + S["bash"].wrong, S["bash"].tests, True),
+}
+
+
+@pytest.mark.parametrize("case", sorted(ATTACKS))
+def test_a_wrong_program_never_gets_ok(case: str) -> None:
+    language, code, tests, flagged = ATTACKS[case]
+    require_toolchain(language)
+    result = run_batch([Job(language, code, tests)])[0]
+    assert result.verdict != Verdict.OK, result
+    if flagged:
+        assert result.verdict == Verdict.WRONG_ANSWER, result
+        assert result.tampered and result.tamper_reason, result
