@@ -53,6 +53,16 @@ TESTS_MARKER = {
     Language.BASH: "\n# rr-tests-begin\n",
 }
 TAMPER_MARKER = "rr-tampered: "
+# The exit status of a program that did not parse (the zygote's, and the
+# JavaScript and bash harnesses', which check the syntax before running anything).
+COMPILE_ERROR_STATUS = 97
+# Stdin/stdout programs run without a harness: their syntax is checked by a
+# compile step, cached like any compile.  (In test mode the harness checks it
+# in the same sandbox, which costs no extra start.)
+SYNTAX_CHECK = {
+    Language.JAVASCRIPT: ("/usr/bin/node", "--check", f"{SRC}/prog.js"),
+    Language.BASH: ("/bin/bash", "-n", f"{SRC}/prog.sh"),
+}
 
 # `#undef NDEBUG` + re-including <cassert> restores a real assert even if the
 # candidate defined NDEBUG or its own `assert` macro.  The tests' `main` is
@@ -247,7 +257,7 @@ RECIPES: dict[Language, Recipe] = {
     Language.JAVASCRIPT: Recipe(
         Language.JAVASCRIPT,
         "prog.js",
-        ("/usr/bin/node", "--check", f"{SRC}/prog.js"),
+        None,
         ("/usr/bin/node", f"{SRC}/prog.js"),
         TESTS_MARKER[Language.JAVASCRIPT],
         "",
@@ -309,7 +319,7 @@ RECIPES: dict[Language, Recipe] = {
     Language.BASH: Recipe(
         Language.BASH,
         "prog.sh",
-        ("/bin/bash", "-n", f"{SRC}/prog.sh"),
+        None,
         ("/bin/bash", f"{SRC}/prog.sh"),
         TESTS_MARKER[Language.BASH],
         "",
@@ -368,6 +378,8 @@ def io_mode_recipe(recipe: Recipe, program: str) -> Recipe:
         return replace(
             recipe, source_name=source, compile=compile_argv, run=(*recipe.run[:-1], main_class)
         )
+    if recipe.language in SYNTAX_CHECK:
+        return replace(recipe, compile=SYNTAX_CHECK[recipe.language])
     if recipe.language == Language.CSHARP:
         assert recipe.compile is not None
         compile_argv = tuple(arg for arg in recipe.compile if not arg.startswith("-main:"))

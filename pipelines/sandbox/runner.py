@@ -35,6 +35,7 @@ from pipelines.sandbox.isolation import Host, Launch
 from pipelines.sandbox.job import ExecutionResult, Job, Limits
 from pipelines.sandbox.languages import (
     BUILD,
+    COMPILE_ERROR_STATUS,
     HARNESS,
     JOB,
     SRC,
@@ -58,7 +59,6 @@ TAIL_CHARS = 4000
 COMPILE_TIMEOUT_S = 60.0
 COMPILE_MEMORY_MB = 2048
 CACHE_MAX_ENTRIES = 20_000  # a compiled candidate takes tens of kB to a few MB
-ZYGOTE_COMPILE_ERROR = 97  # zygote.COMPILE_ERROR_STATUS; zygote.py is not importable here
 SIGXCPU = int(signal.SIGXCPU)
 # The zygote, bwrap's init and its own bookkeeping live in the slot's cgroup too.
 ZYGOTE_MEMORY_MB = 48
@@ -414,6 +414,10 @@ def _limit_verdict(run: RawRun) -> Verdict | None:
     return None
 
 
+# Languages whose test-mode runs exit COMPILE_ERROR_STATUS when the program does not parse.
+_CHECKS_SYNTAX = {Language.PYTHON, Language.JAVASCRIPT, Language.BASH}
+
+
 def _test_verdict(recipe: Recipe, run: RawRun, token: str) -> Verdict:
     if limit := _limit_verdict(run):
         return limit
@@ -423,7 +427,7 @@ def _test_verdict(recipe: Recipe, run: RawRun, token: str) -> Verdict:
         lines = run.stdout.decode(errors="replace").split()
         # OK needs the token the harness prints after the last test, as the final output.
         return Verdict.OK if lines and lines[-1] == token else Verdict.WRONG_ANSWER
-    if recipe.language == Language.PYTHON and run.exit_code == ZYGOTE_COMPILE_ERROR:
+    if run.exit_code == COMPILE_ERROR_STATUS and recipe.language in _CHECKS_SYNTAX:
         return Verdict.COMPILE_ERROR
     if recipe.language == Language.PHP and (
         b"PHP Parse error" in run.stderr or b"Uncaught ParseError" in run.stderr
@@ -441,7 +445,7 @@ def _io_verdict(recipe: Recipe, run: RawRun, expected: str) -> Verdict:
     if limit := _limit_verdict(run):
         return limit
     if run.exit_code != 0:
-        if recipe.language == Language.PYTHON and run.exit_code == ZYGOTE_COMPILE_ERROR:
+        if recipe.language == Language.PYTHON and run.exit_code == COMPILE_ERROR_STATUS:
             return Verdict.COMPILE_ERROR
         return Verdict.RUNTIME_ERROR
     # Whitespace-tolerant: the same tokens in the same order.

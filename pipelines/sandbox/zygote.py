@@ -238,7 +238,7 @@ def _execute_tests(source_path: str, program_path: str, tests_at: int, token: st
     module.__file__ = program_path
     module.__builtins__ = builtins
     sys.modules["__main__"] = module
-    status, tampered = 0, []
+    status, tampered, finished = 0, [], False
     try:
         _exec(code, module.__dict__)
         tampered += _patched_builtins(pristine, used)
@@ -248,8 +248,9 @@ def _execute_tests(source_path: str, program_path: str, tests_at: int, token: st
             _exec(tests, namespace)
             tampered += _patched_modules(modules, module_state)
             tampered += _patched_builtins(pristine, used)
+            finished = True
     except SystemExit as stop:
-        status = _exit_status(stop.code) or 1  # exiting before the tests end is no pass
+        status = _exit_status(stop.code)
     except _Tampered as error:
         tampered.append(str(error))
     except BaseException as error:
@@ -260,7 +261,7 @@ def _execute_tests(source_path: str, program_path: str, tests_at: int, token: st
         sys.stderr.write(f"rr-tampered: {tampered[0]}\n")
         status = 1
     status = _shut_down(status)
-    if status == 0:
+    if finished and not tampered and status == 0:
         _os_write(1, f"\n{token}\n".encode())
     return status
 

@@ -119,19 +119,28 @@ const params = ['exports', 'require', 'module', '__filename', '__dirname'];
 const candidateRequire = Module.createRequire(program);
 const testsRequire = (id) => builtinModules.get(id) || candidateRequire(id);
 const programModule = { exports: {} };
+const COMPILE_ERROR_STATUS = 97; // the runner's: the program does not parse
+
+function compile(source, parameters, lineOffset) {
+  try {
+    return vm.compileFunction(source, parameters, { filename: program, lineOffset });
+  } catch (error) {
+    if (!(error instanceof SyntaxError)) throw error;
+    writeSync(2, inspect(error) + '\n');
+    exit.call(process, COMPILE_ERROR_STATUS);
+  }
+}
 const dirname = path.dirname(program);
 
 try {
   if (entryName) {
     const name = entryName[1];
     const entryReturn = `\n;return typeof ${name} === 'undefined' ? undefined : ${name};`;
-    const candidate = vm.compileFunction(code + entryReturn, params, { filename: program });
+    compile(code + '\n' + tests, params, 0); // the whole program parses
+    const candidate = compile(code + entryReturn, params, 0);
     const entry = candidate(programModule.exports, candidateRequire, programModule, program, dirname);
     const lineOffset = code.split('\n').length + 1;
-    const testsFunction = vm.compileFunction(tests, [...params, name], {
-      filename: program,
-      lineOffset,
-    });
+    const testsFunction = compile(tests, [...params, name], lineOffset);
     if (tampered) tamper(tampered);
     testsFunction(
       programModule.exports,
@@ -143,7 +152,7 @@ try {
     );
   } else {
     // Tests that do not name an entry point run in the candidate's scope.
-    const whole = vm.compileFunction(code + '\n' + tests, params, { filename: program });
+    const whole = compile(code + '\n' + tests, params, 0);
     whole(programModule.exports, candidateRequire, programModule, program, dirname);
   }
   if (tampered) tamper(tampered);

@@ -5,6 +5,7 @@
 # that runs it in a fresh bash (call.sh), which does not inherit the secret.
 # The tests run here, and the secret is printed once they have returned.
 rr_program=$1
+bash -n "$rr_program" || exit 97  # the runner's COMPILE_ERROR_STATUS
 rr_call="${BASH_SOURCE[0]%/*}/call.sh"
 IFS= read -r rr_secret <&"$2"
 eval "exec $2<&-"

@@ -408,3 +408,55 @@ def test_a_wrong_program_never_gets_ok(case: str) -> None:
     if flagged:
         assert result.verdict == Verdict.WRONG_ANSWER, result
         assert result.tampered and result.tamper_reason, result
+
+
+# Correct programs that use the library's own types and hooks are neither refused nor flagged.
+HONEST = {
+    "python-library-types": (
+        "python",
+        "from collections import Counter, namedtuple\nfrom fractions import Fraction\n"
+        "Pair = namedtuple('Pair', 'a b')\n"
+        "def add(a, b):\n    return Pair(a, b), Counter([a]), Fraction(a + b), True\n",
+        "def check(candidate):\n"
+        "    pair, counter, total, flag = candidate(1, 2)\n"
+        "    assert pair == (1, 2) and counter == {1: 1} and total == 3 and flag is True\n\n"
+        "check(add)\n",
+    ),
+    "python-own-helpers-and-exit-hooks": (
+        "python",
+        "import atexit, math\natexit.register(print, 'bye')\nLIMIT = [10]\n"
+        "class Box:\n    def __init__(self, v):\n        self.v = v\n"
+        "def add(a, b):\n    return Box(a).v + b\n",
+        "def check(candidate):\n    assert candidate(1, 2) == 3 and math.isclose(3, 3)\n"
+        "    assert LIMIT == [10]\n\ncheck(add)\n",
+    ),
+    "javascript-arrays-and-objects": (
+        "javascript",
+        "function add(a, b) {\n  return [a + b, { sum: a + b }, new Map([[1, 2]])];\n}\n",
+        "const assert = require('node:assert');\n\nfunction test() {\n"
+        "  let candidate = add;\n"
+        "  assert.deepEqual(candidate(1, 2), [3, { sum: 3 }, new Map([[1, 2]])]);\n}\n\ntest();\n",
+    ),
+    "cpp-vector-result": (
+        "cpp",
+        "#include<assert.h>\n#include<bits/stdc++.h>\n#define ll long long\n"
+        "std::vector<std::string> add(ll a, ll b) {\n    return {std::to_string(a + b)};\n}\n",
+        "int main() {\n    auto candidate = add;\n"
+        '    assert(candidate((1), (2)) == (std::vector<std::string>({"3"})));\n}\n',
+    ),
+    "bash-helper-functions": (
+        "bash",
+        "#!/bin/bash\nhelper() {\n    echo $(( $1 + $2 ))\n}\n"
+        'function add {\n    helper "$1" "$2"\n}\n',
+        'candidate() {\n    add "$@"\n}\n\nset -e\nrun_test() {\n'
+        '    [[ $(candidate "1" "2") = "3" ]]\n}\n\nrun_test\n',
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HONEST))
+def test_a_correct_program_stays_ok_and_unflagged(case: str) -> None:
+    language, code, tests = HONEST[case]
+    require_toolchain(language)
+    result = run_batch([Job(language, code, tests)])[0]
+    assert result.verdict == Verdict.OK and not result.tampered, result
