@@ -27,7 +27,8 @@ process it left behind has been killed and reaped.
 # (marked F401): importing them once here makes each fork's import free.
 import atexit
 import builtins
-import collections  # noqa: F401
+import collections
+import collections.abc
 import contextlib
 import ctypes
 import functools  # noqa: F401
@@ -53,6 +54,7 @@ import typing  # noqa: F401
 _exec, _type, _isinstance, _issubclass, _compile = exec, type, isinstance, issubclass, compile
 _os_write, _getattr, _callable, _any, _vars = os.write, getattr, callable, any, vars
 _FunctionType, _ModuleType, _modules = types.FunctionType, types.ModuleType, sys.modules
+_Iterator = collections.abc.Iterator
 _LIBRARY = (os.path.dirname(os.__file__) + "/", "/usr/lib/python3/")
 # Attributes through which a comparison, or a test's arithmetic on a result, runs.
 _COMPARING = frozenset(
@@ -380,7 +382,15 @@ def _plain(value: object, depth: int) -> object:
             return base(_plain(item, depth + 1) for item in base.__iter__(value))
     if _issubclass(kind, dict):
         return {_plain(k, depth + 1): _plain(v, depth + 1) for k, v in dict.items(value)}
-    return value  # a library object (Fraction, a generator): it compares by its own rules
+    # A library object (Fraction, deque, a generator) compares by its own rules,
+    # but the items it yields are the program's: an iterator yields plain data,
+    # and a finite container's items are checked.
+    if _isinstance(value, _Iterator):
+        return (_plain(item, depth + 1) for item in value)
+    if kind is not range and _getattr(kind, "__iter__", None) and _getattr(kind, "__len__", None):
+        for item in value:
+            _plain(item, depth + 1)
+    return value
 
 
 def _fakes_comparison(kind: type) -> bool:

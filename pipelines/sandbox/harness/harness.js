@@ -27,7 +27,16 @@ const inspect = util.inspect;
 const isProxy = util.types.isProxy;
 const { defineProperty, getOwnPropertyDescriptor, getOwnPropertySymbols, getPrototypeOf } =
   Object;
-const ownKeys = Reflect.ownKeys;
+const { ownKeys, apply } = Reflect;
+const objectCreate = Object.create;
+const arrayFrom = Array.from;
+const { isDate, isRegExp, isBoxedPrimitive, isTypedArray } = util.types;
+const MapPrototype = Map.prototype;
+const SetPrototype = Set.prototype;
+const MapEntries = Map.prototype.entries;
+const SetValues = Set.prototype.values;
+const SafeMap = Map;
+const SafeSet = Set;
 const isArray = Array.isArray;
 const ObjectPrototype = Object.prototype;
 const ArrayPrototype = Array.prototype;
@@ -67,21 +76,32 @@ const builtinModules = new Map([
   ['node:assert/strict', asserts.strict],
 ]);
 
-// Plain data of the result: primitives, arrays and plain objects are copied;
-// a function (which `==` would convert through its own code), a Proxy, an
-// accessor or a symbol-keyed property is tampering.  Other objects (Map, Set,
-// class instances) are left to assert's own comparison, which reads their
-// contents through internal methods rather than through the object's code.
+// Plain data of the result: arrays, objects (with their prototype, which a
+// loose deepEqual ignores) and the entries of Maps and Sets are copied; a
+// function (which `==` converts through its own code), a Proxy, an accessor or
+// a symbol-keyed property is tampering.  Dates, regular expressions, boxed
+// primitives and typed arrays are compared by assert through internal slots.
 function plain(value, depth) {
   if (typeof value === 'function') tamper('the entry point returned a function');
   if (typeof value !== 'object' || value === null) return value;
   if (depth > 1000) tamper('the entry point returned data nested over 1000 deep');
   if (isProxy(value)) tamper('the entry point returned a Proxy');
   const proto = getPrototypeOf(value);
+  if (proto === MapPrototype) {
+    return new SafeMap(arrayFrom(apply(MapEntries, value, []), ([k, v]) => [
+      plain(k, depth + 1),
+      plain(v, depth + 1),
+    ]));
+  }
+  if (proto === SetPrototype) {
+    return new SafeSet(arrayFrom(apply(SetValues, value, []), (v) => plain(v, depth + 1)));
+  }
+  if (isDate(value) || isRegExp(value) || isBoxedPrimitive(value) || isTypedArray(value)) {
+    return value;
+  }
   const array = isArray(value) && proto === ArrayPrototype;
-  if (!array && proto !== ObjectPrototype && proto !== null) return value;
   if (getOwnPropertySymbols(value).length) tamper('the result has symbol-keyed properties');
-  const copy = array ? [] : {};
+  const copy = array ? [] : objectCreate(proto);
   for (const key of ownKeys(value)) {
     const descriptor = getOwnPropertyDescriptor(value, key);
     if (!('value' in descriptor)) tamper(`the result has an accessor property ${key}`);
@@ -99,7 +119,7 @@ function plain(value, depth) {
 function plainResults(entry) {
   if (typeof entry !== 'function') return entry;
   return function (...args) {
-    return plain(entry.apply(this, args), 0);
+    return plain(apply(entry, this, args), 0);
   };
 }
 

@@ -205,6 +205,27 @@ _JS_TO_PRIMITIVE = (
     "  return fake;\n"
     "}\n"
 )
+_PY_GENERATOR_OF_ANYTHING = (
+    "class Anything(int):\n"
+    "    def __eq__(self, other):\n"
+    "        return True\n"
+    "    __hash__ = int.__hash__\n"
+    "def pair(a, b):\n"
+    "    return (Anything(0) for _ in range(2))\n"
+)
+_PY_GENERATOR_TESTS = (
+    "def check(candidate):\n    assert list(candidate(1, 2)) == [1, 2]\n\ncheck(pair)\n"
+)
+# The same conversion, hidden in a field of a class instance that deepEqual
+# compares against a plain object.
+_JS_FIELD_TO_PRIMITIVE = _JS_TO_PRIMITIVE.replace(
+    "  return fake;\n",
+    "  class Result {}\n  const result = new Result();\n  result.sum = fake;\n  return result;\n",
+).replace(",\\s*(-?\\d+)\\);", "sum:\\s*(-?\\d+)")
+_JS_FIELD_TESTS = (
+    "const assert = require('node:assert');\n\nfunction test() {\n"
+    "  let candidate = add;\n  assert.deepEqual(candidate(1, 2), { sum: 3 });\n}\n\ntest();\n"
+)
 _JAVA_PAIR = (
     "import java.util.*;\nimport java.lang.*;\n\nclass Problem {\n"
     "    public static ArrayList<Long> pair(long a, long b) {\n"
@@ -355,6 +376,13 @@ ATTACKS: dict[str, tuple[str, str, str, bool]] = {
     "python-list-equals-anything": ("python", _PY_LIST_EQUALS_ANYTHING, _PY_PAIR_TESTS, True),
     "cpp-type-equals-anything": ("cpp", _CPP_EQUALS_ANYTHING, S["cpp"].tests, True),
     "javascript-to-primitive": ("javascript", _JS_TO_PRIMITIVE, S["javascript"].tests, True),
+    "javascript-field-to-primitive": ("javascript", _JS_FIELD_TO_PRIMITIVE, _JS_FIELD_TESTS, True),
+    "python-generator-of-anything": (
+        "python",
+        _PY_GENERATOR_OF_ANYTHING,
+        _PY_GENERATOR_TESTS,
+        True,
+    ),
     "java-list-equals-anything": ("java", _JAVA_PAIR, _JAVA_PAIR_TESTS, True),
     "csharp-list-equals-anything": ("csharp", _CS_PAIR, _CS_PAIR_TESTS, True),
     # 4. disarming the tests
