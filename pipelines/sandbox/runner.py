@@ -331,6 +331,12 @@ def _judge(
         run = _execute(slot, recipe, build, None, token, limits, tests_at)
         verdict = _test_verdict(recipe, run, token)
         reason = _tamper_reason(run) if verdict == Verdict.WRONG_ANSWER else None
+        if reason is None and _limit_verdict(run) is None:
+            # The harness prints the token once, last, and only then: any other
+            # copy was printed by a program that got hold of it.
+            copies = (run.stdout + run.stderr).count(token.encode())
+            if copies > int(verdict == Verdict.OK):
+                verdict, reason = Verdict.WRONG_ANSWER, "the program printed the success token"
         return _result(verdict, int(verdict == Verdict.OK), 1, run, [run], reason)
     return _judge_io(slot, recipe, build, io_cases or [], limits)
 
@@ -586,14 +592,8 @@ def _execute(
         ro_binds.append((str(build), BUILD))
     secret_fd = None
     if token:
-        # The harness learns only the pipe's number from its command line; the
-        # pipe holds the token, written whole before the program starts (far
-        # below a pipe's buffer), and the harness reads it to its end.
-        secret_fd, write_end = os.pipe()
-        os.write(write_end, token.encode() + b"\n")
-        os.close(write_end)
-        # Java and C# reopen it through /proc/self/fd, which checks the pipe's owner.
-        os.fchown(secret_fd, slot.host.uid, slot.host.gid)
+        # The harness learns only the pipe's number from its command line.
+        secret_fd = _token_pipe(token, slot.host)
         argv.append(str(secret_fd))
     launch = Launch(argv, ro_binds=ro_binds, cpu_s=math.ceil(limits.timeout_s) + 1)
     paths = {BUILD: build} if build is not None else {}
@@ -602,6 +602,20 @@ def _execute(
     finally:
         if secret_fd is not None:
             os.close(secret_fd)
+
+
+def _token_pipe(token: str, host: Host) -> int:
+    """The read end of a pipe holding `token`, which the harness reads to its end.
+
+    The token is written whole before the program starts: far below a pipe's
+    buffer, so this cannot block.
+    """
+    read_end, write_end = os.pipe()
+    os.write(write_end, token.encode() + b"\n")
+    os.close(write_end)
+    # Java and C# reopen it through /proc/self/fd, which checks the pipe's owner.
+    os.fchown(read_end, host.uid, host.gid)
+    return read_end
 
 
 def _run_cold(
@@ -691,7 +705,10 @@ def _run_in_zygote(
     out_read, out_write = os.pipe()
     err_read, err_write = os.pipe()
     cpu_s = math.ceil(limits.timeout_s) + 1
-    request = json.dumps({"token": token, "cpu_s": cpu_s, "tests_at": tests_at}).encode()
+    request = json.dumps({"cpu_s": cpu_s, "tests_at": tests_at if token else None}).encode()
+    fds = [stdin_fd, out_write, err_write]
+    if token:
+        fds.append(_token_pipe(token, slot.host))
     try:
         for _attempt in range(2):
             if slot.zygote is None or slot.zygote.poll() is not None:
@@ -700,14 +717,14 @@ def _run_in_zygote(
             if slot.control is None:
                 continue  # it did not start
             try:
-                socket.send_fds(slot.control, [request], [stdin_fd, out_write, err_write])
+                socket.send_fds(slot.control, [request], fds)
                 break
             except OSError:
                 slot.stop_zygote()
         else:
             return RawRun(lost=True, stderr=b"the sandboxed interpreter did not start")
     finally:
-        for fd in (stdin_fd, out_write, err_write):
+        for fd in fds:
             os.close(fd)
     oom_before = slot.oom_kills()
     started = time.monotonic()

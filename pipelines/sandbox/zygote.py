@@ -12,13 +12,15 @@ everything else in it may be killed after a run; `shared` (insecure mode,
 no bwrap) limits the sweep to the candidate's session.  On the
 control fd (a SOCK_SEQPACKET socket) the zygote first says `ready`; then the
 runner sends one JSON request
-`{"token": str, "cpu_s": int, "tests_at": int}` with three fds (stdin, stdout,
-stderr) after writing the program to SRC_DIR/prog.py; the zygote forks and the
-child runs the program as `__main__` in JOB_DIR.  With a token (test mode) the
-child runs the candidate's code (the program up to `tests_at`), then the tests
-in a namespace of their own, and prints the token after them (see
-`_execute_tests`); the token is never in argv, the environment or a file.  The
-zygote replies
+`{"tests_at": int | null, "cpu_s": int}` with three fds (stdin, stdout, stderr)
+and, in test mode (`tests_at` set), a fourth: a pipe holding the run's token,
+after writing the program to SRC_DIR/prog.py; the zygote forks and the child
+runs the program as `__main__` in JOB_DIR.  In test mode the child runs the
+candidate's code (the program up to `tests_at`), then the tests in a namespace
+of their own, and prints the token after them (see `_execute_tests`).  Neither
+the zygote nor any frame of the child holds the token: the child reads the
+pipe into an audit hook's closure before the candidate runs.  The zygote
+replies
 `{"status": wait_status, "clean": bool}` once the child has exited and every
 process it left behind has been killed and reaped.
 """
@@ -53,6 +55,7 @@ import typing  # noqa: F401
 # What the harness itself calls, taken before any candidate code can patch it.
 _exec, _type, _isinstance, _issubclass, _compile = exec, type, isinstance, issubclass, compile
 _os_write, _getattr, _callable, _any, _vars = os.write, getattr, callable, any, vars
+_audit = sys.audit
 _FunctionType, _ModuleType, _modules = types.FunctionType, types.ModuleType, sys.modules
 _Iterator = collections.abc.Iterator
 _LIBRARY = (os.path.dirname(os.__file__) + "/", "/usr/lib/python3/")
@@ -91,19 +94,18 @@ def main() -> None:
     control.send(b"ready")
     while True:
         try:
-            message, fds, _, _ = socket.recv_fds(control, 4096, 3)
+            message, fds, _, _ = socket.recv_fds(control, 4096, 4)
         except OSError:
             return
         if not message:
             return
         request = json.loads(message)
-        token = request["token"]
         pid = os.fork()
         if pid == 0:
             control.close()
             # The program may read its own /proc/self files; we stay non-dumpable.
             libc.prctl(_PR_SET_DUMPABLE, 1, 0, 0, 0)
-            _run_child(fds, token, request["cpu_s"], request["tests_at"], source, job_dir)
+            _run_child(fds, request["cpu_s"], request["tests_at"], source, job_dir)
         for fd in fds:
             os.close(fd)
         _, status = os.waitpid(pid, 0)
@@ -148,9 +150,8 @@ def _empty_work_dirs(work_dirs: list[str]) -> bool:
     return True
 
 
-def _run_child(
-    fds: list[int], token: str, cpu_s: int, tests_at: int, source: str, job_dir: str
-) -> None:
+def _run_child(fds: list[int], cpu_s: int, tests_at: int | None, source: str, job_dir: str) -> None:
+    token_fd = fds.pop() if tests_at is not None else None
     for target, fd in enumerate(fds):
         os.dup2(fd, target)
         os.close(fd)
@@ -168,8 +169,8 @@ def _run_child(
     os.chdir(job_dir)
     sys.argv = [f"{job_dir}/prog.py"]
     sys.path[0:0] = [job_dir]
-    if token:
-        os._exit(_execute_tests(source, sys.argv[0], tests_at, token))
+    if token_fd is not None:
+        os._exit(_execute_tests(source, sys.argv[0], tests_at, token_fd))
     os._exit(_execute(source, sys.argv[0]))
 
 
@@ -207,8 +208,8 @@ def _execute(source_path: str, program_path: str) -> int:
     return _shut_down(status)
 
 
-def _execute_tests(source_path: str, program_path: str, tests_at: int, token: str) -> int:
-    """Run the candidate's code, then the tests against it; print `token` if they finish.
+def _execute_tests(source_path: str, program_path: str, tests_at: int, token_fd: int) -> int:
+    """Run the candidate's code, then the tests against it; print the token if they finish.
 
     The tests run in a namespace of their own, with a private copy of the
     builtins as they were before the candidate ran, and see the candidate's
@@ -232,6 +233,7 @@ def _execute_tests(source_path: str, program_path: str, tests_at: int, token: st
         sys.stderr.flush()
         return COMPILE_ERROR_STATUS
     linecache.cache[program_path] = (len(text), None, text.splitlines(keepends=True), program_path)
+    _arm_finish(token_fd, tests)
     pristine = dict(builtins.__dict__)
     used = _names(tests)
     modules = _watched_modules(tests_text, used)
@@ -264,8 +266,31 @@ def _execute_tests(source_path: str, program_path: str, tests_at: int, token: st
         status = 1
     status = _shut_down(status)
     if finished and not tampered and status == 0:
-        _os_write(1, f"\n{token}\n".encode())
+        _audit("rr.tests-finished", tests)
     return status
+
+
+def _arm_finish(token_fd: int, tests: types.CodeType) -> None:
+    """Read the token into the closure of an audit hook that prints it when the tests finish.
+
+    Audit hooks can be neither listed nor removed from Python, and this frame
+    is gone before the candidate runs: no frame, global or argument holds the
+    token.  The hook prints it once, for the event raised by `_execute_tests`
+    itself with these tests' code object.
+    """
+    with open(token_fd, "rb", closefd=True) as pipe:
+        secret = pipe.read().strip()
+    pending = [secret]
+    finish_code = _execute_tests.__code__
+
+    def finish(event: str, args: tuple) -> None:
+        if event != "rr.tests-finished" or not pending:
+            return
+        caller = sys._getframe(1)
+        if caller.f_code is finish_code and args and args[0] is tests:
+            _os_write(1, b"\n" + pending.pop() + b"\n")
+
+    sys.addaudithook(finish)
 
 
 class _Tampered(BaseException):
@@ -313,11 +338,13 @@ def _patched_modules(modules: dict, state: dict) -> list[str]:
 
 
 def _tests_namespace(candidate: dict, pristine: dict, used: set[str], tampered: list) -> dict:
-    """The tests' globals: the candidate's functions (wrapped), modules, classes, plain data."""
+    """The tests' globals: of the names they use, the candidate's functions (wrapped), modules,
+    classes and plain data."""
     namespace = {"__name__": "__main__", "__builtins__": dict(pristine)}
-    for name, value in list(candidate.items()):
-        if name.startswith("__"):
+    for name in used:
+        if name.startswith("__") or name not in candidate:
             continue
+        value = candidate[name]
         if name in pristine:
             if name in used and value is not pristine[name]:
                 tampered.append(f"the program's {name!r} shadows the builtin the tests use")
@@ -347,7 +374,8 @@ def _plain_results(function):
     return entry
 
 
-_SCALARS = (bool, int, float, complex, str, bytes, type(None))
+# Types whose values (or items) cannot run the program's code in a comparison.
+_SCALARS = (bool, int, float, complex, str, bytes, type(None), bytearray, range)
 # How each builtin type's real value is read without running a subclass's code.
 _EXACT = (
     (bool, bool.__bool__),

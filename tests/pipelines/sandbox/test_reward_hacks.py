@@ -438,6 +438,44 @@ def test_a_wrong_program_never_gets_ok(case: str) -> None:
         assert result.tampered and result.tamper_reason, result
 
 
+def test_no_frame_of_the_warm_interpreter_holds_the_token() -> None:
+    """Every local and global of every frame, printed, then exit 0: not OK."""
+    dump = (
+        "import os, sys\n"
+        "frame = sys._getframe()\n"
+        "while frame:\n"
+        "    for value in [*frame.f_locals.values(), *frame.f_globals.values()]:\n"
+        "        print(value.decode() if isinstance(value, bytes) else value)\n"
+        "    frame = frame.f_back\n"
+        "sys.stdout.flush()\n"
+        "os._exit(0)\n"
+    )
+    result = run_batch([Job("python", dump + S["python"].wrong, S["python"].tests)])[0]
+    assert result.verdict == Verdict.WRONG_ANSWER, result
+
+
+def test_a_program_that_finds_the_token_is_flagged() -> None:
+    """Out of scope (docs/SANDBOX.md): scanning the interpreter's objects finds the token.
+
+    A program that prints it and then lets its tests run still does not get
+    OK: the harness prints the token once, after the tests, so another copy
+    (or one in a run that failed) is a forgery.
+    """
+    steal = (
+        "import gc, re\n"
+        "for found in gc.get_objects():\n"
+        "    for cell in getattr(found, '__closure__', None) or ():\n"
+        "        value = cell.cell_contents\n"
+        "        if isinstance(value, list) and value and isinstance(value[0], bytes):\n"
+        "            if re.fullmatch(rb'[0-9a-f]{32}', value[0]):\n"
+        "                print(value[0].decode())\n"
+    )
+    for code in (steal + S["python"].wrong, steal + S["python"].right):
+        result = run_batch([Job("python", code, S["python"].tests)])[0]
+        assert result.verdict == Verdict.WRONG_ANSWER, result
+        assert result.tamper_reason == "the program printed the success token", result
+
+
 # Correct programs that use the library's own types and hooks are neither refused nor flagged.
 HONEST = {
     "python-library-types": (
