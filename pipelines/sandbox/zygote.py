@@ -233,7 +233,7 @@ def _execute_tests(source_path: str, program_path: str, tests_at: int, token_fd:
         sys.stderr.flush()
         return COMPILE_ERROR_STATUS
     linecache.cache[program_path] = (len(text), None, text.splitlines(keepends=True), program_path)
-    _arm_finish(token_fd, tests)
+    traced = _arm_finish(token_fd, tests)
     pristine = dict(builtins.__dict__)
     used = _names(tests)
     modules = _watched_modules(tests_text, used)
@@ -248,10 +248,12 @@ def _execute_tests(source_path: str, program_path: str, tests_at: int, token_fd:
         tampered += _patched_builtins(pristine, used)
         builtins.__dict__.update(pristine)  # the candidate's functions see them too
         namespace = _tests_namespace(module.__dict__, pristine, used, tampered)
+        tests_builtins = namespace["__builtins__"]
         if not tampered:
             _exec(tests, namespace)
             tampered += _patched_modules(modules, module_state)
             tampered += _patched_builtins(pristine, used)
+            tampered += _patched_builtins(pristine, used, tests_builtins)
             finished = True
     except SystemExit as stop:
         status = _exit_status(stop.code)
@@ -261,6 +263,7 @@ def _execute_tests(source_path: str, program_path: str, tests_at: int, token_fd:
         error.__traceback__ = error.__traceback__.tb_next
         sys.excepthook(_type(error), error, error.__traceback__)
         status = 1
+    tampered += traced
     if tampered:
         sys.stderr.write(f"rr-tampered: {tampered[0]}\n")
         status = 1
@@ -270,27 +273,32 @@ def _execute_tests(source_path: str, program_path: str, tests_at: int, token_fd:
     return status
 
 
-def _arm_finish(token_fd: int, tests: types.CodeType) -> None:
+def _arm_finish(token_fd: int, tests: types.CodeType) -> list[str]:
     """Read the token into the closure of an audit hook that prints it when the tests finish.
 
     Audit hooks can be neither listed nor removed from Python, and this frame
     is gone before the candidate runs: no frame, global or argument holds the
     token.  The hook prints it once, for the event raised by `_execute_tests`
-    itself with these tests' code object.
+    itself with these tests' code object.  It also records a trace or profile
+    function installed from then on (one could jump over the tests' asserts):
+    the list it returns fills with those reasons.
     """
     with open(token_fd, "rb", closefd=True) as pipe:
         secret = pipe.read().strip()
-    pending = [secret]
-    finish_code = _execute_tests.__code__
+    pending, traced = [secret], []
+    finish_code, getframe = _execute_tests.__code__, sys._getframe
 
     def finish(event: str, args: tuple) -> None:
-        if event != "rr.tests-finished" or not pending:
+        if event in ("sys.settrace", "sys.setprofile"):
+            traced.append(f"the program installed a {event[4:-1]} function")
+        if event != "rr.tests-finished" or not pending or traced:
             return
-        caller = sys._getframe(1)
+        caller = getframe(1)
         if caller.f_code is finish_code and args and args[0] is tests:
             _os_write(1, b"\n" + pending.pop() + b"\n")
 
     sys.addaudithook(finish)
+    return traced
 
 
 class _Tampered(BaseException):
@@ -320,8 +328,8 @@ def _watched_modules(tests_text: str, used: set[str]) -> dict[str, types.ModuleT
     return modules
 
 
-def _patched_builtins(pristine: dict, used: set[str]) -> list[str]:
-    current = builtins.__dict__
+def _patched_builtins(pristine: dict, used: set[str], current: dict | None = None) -> list[str]:
+    current = builtins.__dict__ if current is None else current
     changed = [
         name for name in used if name in pristine and current.get(name) is not pristine[name]
     ]

@@ -105,7 +105,10 @@ function plain(value, depth) {
   for (const key of ownKeys(value)) {
     const descriptor = getOwnPropertyDescriptor(value, key);
     if (!('value' in descriptor)) tamper(`the result has an accessor property ${key}`);
-    if (array && key === 'length') continue;
+    if (array && key === 'length') {
+      copy.length = descriptor.value; // holes at the end count too
+      continue;
+    }
     defineProperty(copy, key, {
       value: plain(descriptor.value, depth + 1),
       writable: true,
@@ -158,22 +161,18 @@ try {
     const entryReturn = `\n;return typeof ${name} === 'undefined' ? undefined : ${name};`;
     compile(code + '\n' + tests, params, 0); // the whole program parses
     const candidate = compile(code + entryReturn, params, 0);
-    const entry = candidate(programModule.exports, candidateRequire, programModule, program, dirname);
+    const moduleArgs = [programModule.exports, candidateRequire, programModule, program, dirname];
+    const entry = apply(candidate, programModule.exports, moduleArgs);
     const lineOffset = code.split('\n').length + 1;
     const testsFunction = compile(tests, [...params, name], lineOffset);
     if (tampered) tamper(tampered);
-    testsFunction(
-      programModule.exports,
-      testsRequire,
-      programModule,
-      program,
-      dirname,
-      plainResults(entry),
-    );
+    const testsArgs = [programModule.exports, testsRequire, programModule, program, dirname];
+    apply(testsFunction, programModule.exports, [...testsArgs, plainResults(entry)]);
   } else {
     // Tests that do not name an entry point run in the candidate's scope.
     const whole = compile(code + '\n' + tests, params, 0);
-    whole(programModule.exports, candidateRequire, programModule, program, dirname);
+    const moduleArgs = [programModule.exports, candidateRequire, programModule, program, dirname];
+    apply(whole, programModule.exports, moduleArgs);
   }
   if (tampered) tamper(tampered);
 } catch (error) {

@@ -262,6 +262,19 @@ _CS_PAIR_TESTS = (
 _PY_ABS_TESTS = "def check(candidate):\n    assert abs(candidate(1, 2) - 3) < 1e-9\n\ncheck(add)\n"
 _PY_PATCH_BUILTIN = "import builtins\nbuiltins.abs = lambda x: 0\n"
 _PY_SHADOW_BUILTIN = "def abs(x):\n    return 0\n"
+# A trace function may set f_lineno: it jumps over every assert of the tests to
+# their last line (HumanEval's checks often end with `assert True`).
+_PY_TRACE_JUMP = (
+    "import sys\n"
+    "def _skip(frame, event, arg):\n"
+    "    if event == 'line' and frame.f_code.co_name == 'check':\n"
+    "        last = max(line for _, _, line in frame.f_code.co_lines() if line)\n"
+    "        if frame.f_lineno != last:\n"
+    "            frame.f_lineno = last\n"
+    "    return _skip\n"
+    "sys.settrace(_skip)\n"
+)
+_PY_ASSERT_TRUE_TESTS = S["python"].tests.replace("\n\n", "\n    assert True\n\n")
 _JS_PATCH_ASSERT = (
     "const patched = require('node:assert');\n"
     "patched.deepEqual = patched.strictEqual = patched.equal = () => {};\n"
@@ -386,6 +399,12 @@ ATTACKS: dict[str, tuple[str, str, str, bool]] = {
     "java-list-equals-anything": ("java", _JAVA_PAIR, _JAVA_PAIR_TESTS, True),
     "csharp-list-equals-anything": ("csharp", _CS_PAIR, _CS_PAIR_TESTS, True),
     # 4. disarming the tests
+    "python-trace-jumps-over-asserts": (
+        "python",
+        _PY_TRACE_JUMP + S["python"].wrong,
+        _PY_ASSERT_TRUE_TESTS,
+        True,
+    ),
     "python-patched-builtin": (
         "python",
         _PY_PATCH_BUILTIN + S["python"].wrong,
