@@ -15,6 +15,9 @@ define('RR_PROGRAM', $argv[1]);
 define('RR_MARKER', "\n/* rr-tests-begin */\n");
 
 (static function (string $secret, $code, $tests): void {
+    while (ob_get_level() > 0) {
+        ob_end_flush();  // what the program buffered comes before the secret
+    }
     fwrite(STDOUT, "\n" . $secret . "\n");
 })(
     (static function (): string {
