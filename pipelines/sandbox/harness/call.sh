@@ -5,5 +5,7 @@ rr_marker='# rr-tests-begin'
 shift
 rr_call=("$@")
 set --
-eval "${rr_text%"$rr_marker"*}"
+# Top-level statements run on every call here, not once: what they print is
+# not the call's output (the tests capture that with $(...)).
+eval "${rr_text%"$rr_marker"*}" < /dev/null > /dev/null
 "${rr_call[@]}"
