@@ -532,7 +532,7 @@ HONEST = {
     "bash-helper-functions": (
         "bash",
         "#!/bin/bash\nhelper() {\n    echo $(( $1 + $2 ))\n}\n"
-        'function add {\n    helper "$1" "$2"\n}\n',
+        'function add {\n    helper "$1" "$2"\n}\necho "example: $(add 1 2)"\n',
         'candidate() {\n    add "$@"\n}\n\nset -e\nrun_test() {\n'
         '    [[ $(candidate "1" "2") = "3" ]]\n}\n\nrun_test\n',
     ),
