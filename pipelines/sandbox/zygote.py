@@ -220,19 +220,31 @@ def _execute_tests(source_path: str, program_path: str, tests_at: int, token_fd:
     object of its own class that overrides comparison is reported as tampered
     (`rr-tampered:` on stderr, exit status 1).  The token is printed only after
     the tests and the interpreter's exit sequence returned normally.
+
+    Tests that do not parse on their own were written to continue the
+    candidate's code (they close a string it opened): only then does the
+    program run as one, in one namespace.  A candidate whose code does not
+    parse on its own while the tests do is a COMPILE_ERROR, whatever the whole
+    would do: it could otherwise reach into the tests' text (a trailing
+    decorator would wrap their `check`).
     """
     with open(source_path, "rb") as handle:
         text = handle.read().decode(errors="replace")
     code_text, tests_text = text[:tests_at], text[tests_at:]
     try:
-        code = _compile(code_text, program_path, "exec")
         # Leading newlines keep the tests' line numbers those of the whole program.
         tests = _compile("\n" * code_text.count("\n") + tests_text, program_path, "exec")
+    except (SyntaxError, ValueError):
+        tests = None
+    try:
+        code = _compile(code_text if tests else text, program_path, "exec")
     except (SyntaxError, ValueError):
         traceback.print_exc(limit=0)
         sys.stderr.flush()
         return COMPILE_ERROR_STATUS
     linecache.cache[program_path] = (len(text), None, text.splitlines(keepends=True), program_path)
+    if tests is None:
+        return _execute_joined(program_path, code, token_fd)
     traced = _arm_finish(token_fd, tests)
     pristine = dict(builtins.__dict__)
     used = _names(tests)
@@ -273,6 +285,32 @@ def _execute_tests(source_path: str, program_path: str, tests_at: int, token_fd:
     return status
 
 
+def _execute_joined(program_path: str, program: types.CodeType, token_fd: int) -> int:
+    """Run a program whose tests continue its code as one; print the token if it finishes."""
+    traced = _arm_finish(token_fd, program)
+    module = types.ModuleType("__main__")
+    module.__file__ = program_path
+    module.__builtins__ = builtins
+    sys.modules["__main__"] = module
+    status, finished = 0, False
+    try:
+        _exec(program, module.__dict__)
+        finished = True
+    except SystemExit as stop:
+        status = _exit_status(stop.code)
+    except BaseException as error:
+        error.__traceback__ = error.__traceback__.tb_next
+        sys.excepthook(_type(error), error, error.__traceback__)
+        status = 1
+    if traced:
+        sys.stderr.write(f"rr-tampered: {traced[0]}\n")
+        status = 1
+    status = _shut_down(status)
+    if finished and not traced and status == 0:
+        _audit("rr.tests-finished", program)
+    return status
+
+
 def _arm_finish(token_fd: int, tests: types.CodeType) -> list[str]:
     """Read the token into the closure of an audit hook that prints it when the tests finish.
 
@@ -286,7 +324,8 @@ def _arm_finish(token_fd: int, tests: types.CodeType) -> list[str]:
     with open(token_fd, "rb", closefd=True) as pipe:
         secret = pipe.read().strip()
     pending, traced = [secret], []
-    finish_code, getframe = _execute_tests.__code__, sys._getframe
+    finish_codes = (_execute_tests.__code__, _execute_joined.__code__)
+    getframe = sys._getframe
 
     def finish(event: str, args: tuple) -> None:
         if event in ("sys.settrace", "sys.setprofile"):
@@ -294,7 +333,7 @@ def _arm_finish(token_fd: int, tests: types.CodeType) -> list[str]:
         if event != "rr.tests-finished" or not pending or traced:
             return
         caller = getframe(1)
-        if caller.f_code is finish_code and args and args[0] is tests:
+        if any(caller.f_code is code for code in finish_codes) and args and args[0] is tests:
             _os_write(1, b"\n" + pending.pop() + b"\n")
 
     sys.addaudithook(finish)

@@ -405,6 +405,13 @@ ATTACKS: dict[str, tuple[str, str, str, bool]] = {
         _PY_ASSERT_TRUE_TESTS,
         True,
     ),
+    # A trailing decorator reaches into the tests' text and wraps their check.
+    "python-decorator-over-check": (
+        "python",
+        S["python"].wrong + "@(lambda check: lambda candidate: None)\n",
+        S["python"].tests,
+        False,
+    ),
     "python-patched-builtin": (
         "python",
         _PY_PATCH_BUILTIN + S["python"].wrong,
