@@ -8,6 +8,7 @@ are cached by a hash of the compile command and the program text.
 
 import atexit
 import contextlib
+import functools
 import hashlib
 import itertools
 import json
@@ -584,6 +585,8 @@ def _execute(
     if recipe.language == Language.PYTHON:
         return _run_in_zygote(slot, stdin_path, token, limits, tests_at)
     argv = list(recipe.run)
+    if token and recipe.language in (Language.JAVASCRIPT, Language.TYPESCRIPT):
+        argv[1:1] = node_lockdown()
     if recipe.language == Language.JAVA:
         # The JVM sizes its heap from host RAM, not the cgroup it cannot see.
         argv.insert(1, f"-Xmx{max(32, limits.memory_mb * 3 // 4)}m")
@@ -602,6 +605,28 @@ def _execute(
     finally:
         if secret_fd is not None:
             os.close(secret_fd)
+
+
+@functools.cache
+def node_lockdown() -> tuple[str, ...]:
+    """Node's permission model for test runs, where this Node has it; () where not.
+
+    It takes away the inspector (whose protocol reads any closure, the harness's
+    secret included), child processes, workers and native addons; files stay
+    readable and writable (the sandbox bounds those).
+    """
+    allow = ("--allow-fs-read=*", "--allow-fs-write=*")
+    for flag in ("--permission", "--experimental-permission"):
+        flags = ("--disable-warning=ExperimentalWarning", flag, *allow)
+        try:
+            probe = subprocess.run(
+                ["/usr/bin/node", *flags, "-e", "0"], capture_output=True, timeout=30
+            )
+        except (OSError, subprocess.TimeoutExpired):
+            return ()
+        if probe.returncode == 0 and not probe.stderr:
+            return flags
+    return ()
 
 
 def _token_pipe(token: str, host: Host) -> int:

@@ -13,7 +13,8 @@ WRONG_ANSWER with `tampered` set and a reason.
 import pytest
 
 from models.enums import Verdict
-from pipelines.sandbox import Job, run_batch
+from pipelines.sandbox import Job, run_batch, runner
+from tests.conftest import unavailable
 
 from .conftest import SAMPLES, require_toolchain
 
@@ -462,6 +463,22 @@ def test_a_wrong_program_never_gets_ok(case: str) -> None:
     if flagged:
         assert result.verdict == Verdict.WRONG_ANSWER, result
         assert result.tampered and result.tamper_reason, result
+
+
+def test_javascript_has_no_inspector_to_read_the_harness_closure() -> None:
+    """The inspector protocol reads closures: Node's permission model takes it away."""
+    require_toolchain("javascript")
+    if not runner.node_lockdown():
+        unavailable("this Node has no permission model (--permission)")
+    code = (
+        "function connected() {\n"
+        "  try { new (require('inspector').Session)().connect(); return true; }\n"
+        "  catch (e) { return false; }\n"
+        "}\n"
+    )
+    tests = "const assert = require('node:assert');\nassert.ok(connected());\n"
+    result = run_batch([Job("javascript", code, tests)])[0]
+    assert result.verdict == Verdict.WRONG_ANSWER, result
 
 
 def test_no_frame_of_the_warm_interpreter_holds_the_token() -> None:
