@@ -32,7 +32,7 @@ def cpp_macro_tampering(recipe: Recipe, code: str, tests: str) -> str | None:
     for kind, name in _DIRECTIVE.findall(text):
         reserved = name.startswith("__") or re.match(r"_[A-Z]", name) or name.startswith("rr_")
         if name not in _HARMLESS and (name in guarded or reserved):
-            return f"the program's code has #{kind} {name}, which the tests depend on"
+            return f"the program's code has #{kind} {name}, a name the tests or the harness use"
     if _MACRO_PRAGMA.search(text):
         return "the program's code saves or restores macros with a pragma"
     if _STD_EQUALITY.search(text):

@@ -329,7 +329,8 @@ def _arm_finish(token_fd: int, tests: types.CodeType) -> list[str]:
 
     def finish(event: str, args: tuple) -> None:
         if event in ("sys.settrace", "sys.setprofile"):
-            traced.append(f"the program installed a {event[4:-1]} function")
+            kind = "trace" if event == "sys.settrace" else "profile"
+            traced.append(f"the program installed a {kind} function")
         if event != "rr.tests-finished" or not pending or traced:
             return
         caller = getframe(1)
