@@ -54,7 +54,7 @@ import typing  # noqa: F401
 
 # What the harness itself calls, taken before any candidate code can patch it.
 _exec, _type, _isinstance, _issubclass, _compile = exec, type, isinstance, issubclass, compile
-_os_write, _getattr, _callable, _any, _vars = os.write, getattr, callable, any, vars
+_os_write, _getattr, _callable, _vars = os.write, getattr, callable, vars
 _audit = sys.audit
 _FunctionType, _ModuleType, _modules = types.FunctionType, types.ModuleType, sys.modules
 _Iterator = collections.abc.Iterator
