@@ -617,7 +617,7 @@ def node_lockdown() -> tuple[str, ...]:
     """
     allow = ("--allow-fs-read=*", "--allow-fs-write=*")
     for flag in ("--permission", "--experimental-permission"):
-        flags = ("--disable-warning=ExperimentalWarning", flag, *allow)
+        flags = ("--no-warnings", flag, *allow)  # no "experimental feature" line on stderr
         try:
             probe = subprocess.run(
                 ["/usr/bin/node", *flags, "-e", "0"], capture_output=True, timeout=30
