@@ -1,5 +1,6 @@
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     Float,
     ForeignKey,
     Index,
@@ -7,6 +8,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    false,
 )
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
@@ -70,6 +72,10 @@ class Execution(CreatedAt, Base):
     stdout_tail: Mapped[str] = mapped_column(Text, default="")
     stderr_tail: Mapped[str] = mapped_column(Text, default="")
     attempts: Mapped[int] = mapped_column(Integer, default=1)
+    # The judge saw the program forge or tamper with its test run (the verdict
+    # is then WRONG_ANSWER): reward-hacking attempts, the hardest negatives.
+    tampered: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    tamper_reason: Mapped[str | None] = mapped_column(Text)
 
     candidate: Mapped[Candidate] = relationship(back_populates="execution", lazy="raise")
 

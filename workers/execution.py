@@ -59,6 +59,8 @@ def execution_row(candidate_id: int, result: Any, attempts: int) -> dict[str, An
         "stdout_tail": result.stdout_tail,
         "stderr_tail": result.stderr_tail,
         "attempts": attempts,
+        "tampered": result.tampered,
+        "tamper_reason": result.tamper_reason,
     }
 
 

@@ -2,18 +2,19 @@
 
     from pipelines.sandbox import Limits, Job, ExecutionResult, run_one, run_batch
 
-Test mode (MultiPL-E conventions): the program is `code + "\\n" + tests` plus a
-small harness that prints a per-run random token after the tests return; OK
-needs exit status 0 *and* that token as the last output, so exiting early with
-status 0 by any route is WRONG_ANSWER.  stdin/stdout mode (`io_cases`) runs the
-program once per case and compares whitespace-separated tokens.
+Test mode (MultiPL-E conventions): the program is `code + "\\n" + tests`, run by
+a judge's harness that prints a per-run secret after the tests return; OK needs
+exit status 0 *and* that secret as the last output.  The secret reaches the
+harness on a pipe read before any candidate code runs, so a program can neither
+read it nor print it by exiting early; results the tests compare are plain data,
+and what the tests call is captured first (docs/SANDBOX.md: threat model, design
+and limits).  A run the harness sees tampering in is WRONG_ANSWER with
+`tampered` set.  stdin/stdout mode (`io_cases`) runs the program once per case
+and compares whitespace-separated tokens.
 
-Known limits: a candidate that deliberately reads the token (from its argv) and
-prints it before exiting can still forge OK, since the tests run in its own
-process; syntax errors in JavaScript and bash surface as RUNTIME_ERROR (no
-separate parse step); memory limits and peak memory need a writable cgroup
-(run as root, or a delegated v2 subtree), and `rewardranker sandbox doctor`
-says whether this host has one.
+Known limits: memory limits and peak memory need a writable cgroup (run as
+root, or a delegated v2 subtree), and `rewardranker sandbox doctor` says
+whether this host has one.
 """
 
 from pipelines.sandbox.job import ExecutionResult, Job, Limits

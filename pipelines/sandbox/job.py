@@ -43,6 +43,8 @@ class ExecutionResult:
     `passed`/`total` count stdin/stdout cases; in test mode the whole test
     program is one check, so `total` is 1 and `passed` is 1 only for OK.
     `peak_memory_kb` is the sandbox's peak (None without a memory cgroup).
+    `tampered` marks a run in which the harness saw the program patch what the
+    tests use or return a result that is not plain data, with the reason.
     """
 
     verdict: Verdict
@@ -52,6 +54,9 @@ class ExecutionResult:
     peak_memory_kb: int | None
     stdout_tail: str
     stderr_tail: str
+    # The judge saw a forged or tampered run (the verdict is then WRONG_ANSWER).
+    tampered: bool = False
+    tamper_reason: str | None = None
 
     def to_dict(self) -> dict:
         result = asdict(self)

@@ -8,6 +8,7 @@ are cached by a hash of the compile command and the program text.
 
 import atexit
 import contextlib
+import functools
 import hashlib
 import itertools
 import json
@@ -30,30 +31,34 @@ from pathlib import Path
 
 from models.enums import Language, Verdict
 from models.settings import get_settings
-from pipelines.sandbox import isolation
+from pipelines.sandbox import isolation, tampering
 from pipelines.sandbox.cgroup import SlotCgroup, remove_stale_groups
 from pipelines.sandbox.isolation import Host, Launch
 from pipelines.sandbox.job import ExecutionResult, Job, Limits
 from pipelines.sandbox.languages import (
     BUILD,
+    COMPILE_ERROR_STATUS,
+    HARNESS,
     JOB,
     SRC,
+    TAMPER_MARKER,
     TYPESCRIPT_DIR,
     Recipe,
     io_mode_recipe,
     program_text,
     recipe_for,
+    test_mode_recipe,
 )
 
 RUNTIME_DIR = get_settings().sandbox_dir
 CACHE_DIR = RUNTIME_DIR / "cache"
 ZYGOTE_SCRIPT = Path(__file__).with_name("zygote.py")
+HARNESS_SOURCES = Path(__file__).with_name("harness")
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TAIL_CHARS = 4000
 COMPILE_TIMEOUT_S = 60.0
 COMPILE_MEMORY_MB = 2048
 CACHE_MAX_ENTRIES = 20_000  # a compiled candidate takes tens of kB to a few MB
-ZYGOTE_COMPILE_ERROR = 97  # zygote.COMPILE_ERROR_STATUS; zygote.py is not importable here
 SIGXCPU = int(signal.SIGXCPU)
 # The zygote, bwrap's init and its own bookkeeping live in the slot's cgroup too.
 ZYGOTE_MEMORY_MB = 48
@@ -305,21 +310,34 @@ def _judge(
 ) -> ExecutionResult:
     io_mode = io_cases is not None
     program = program_text(recipe, code, tests, with_harness=not io_mode)
-    if io_mode:
-        recipe = io_mode_recipe(recipe, program)
+    recipe = io_mode_recipe(recipe, program) if io_mode else test_mode_recipe(recipe)
+    if not io_mode and (reason := tampering.cpp_macro_tampering(recipe, code, tests)):
+        return _result(Verdict.WRONG_ANSWER, 0, 1, None, [], reason)
     build: Path | None = None
     if recipe.compile is not None:
         build, compile_run = _compiled(slot, recipe, program)
         if build is None:
+            total = len(io_cases) if io_mode else 1
+            if reason := _tamper_reason(compile_run):
+                return _result(Verdict.WRONG_ANSWER, 0, total, compile_run, [], reason)
             verdict = Verdict.SANDBOX_ERROR if compile_run.lost else Verdict.COMPILE_ERROR
-            return _result(verdict, 0, len(io_cases) if io_mode else 1, compile_run, [])
-    else:
+            return _result(verdict, 0, total, compile_run, [])
+    if any(arg.startswith(SRC) for arg in recipe.run):
+        # Interpreted (a compile step, if any, only checked the syntax): runs from /src.
         (slot.src / recipe.source_name).write_text(program)
     if not io_mode:
         token = secrets.token_hex(16)
-        run = _execute(slot, recipe, build, None, token, limits)
+        tests_at = len(code) + 1
+        run = _execute(slot, recipe, build, None, token, limits, tests_at)
         verdict = _test_verdict(recipe, run, token)
-        return _result(verdict, int(verdict == Verdict.OK), 1, run, [run])
+        reason = _tamper_reason(run) if verdict == Verdict.WRONG_ANSWER else None
+        if reason is None and _limit_verdict(run) is None:
+            # The harness prints the token once, last, and only then: any other
+            # copy was printed by a program that got hold of it.
+            copies = (run.stdout + run.stderr).count(token.encode())
+            if copies > int(verdict == Verdict.OK):
+                verdict, reason = Verdict.WRONG_ANSWER, "the program printed the success token"
+        return _result(verdict, int(verdict == Verdict.OK), 1, run, [run], reason)
     return _judge_io(slot, recipe, build, io_cases or [], limits)
 
 
@@ -335,7 +353,7 @@ def _judge_io(
         case_limits = replace(
             limits, output_bytes=max(limits.output_bytes, 2 * len(case["output"]) + 1024)
         )
-        run = _execute(slot, recipe, build, slot.src / "stdin.txt", "", case_limits)
+        run = _execute(slot, recipe, build, slot.src / "stdin.txt", "", case_limits, 0)
         runs.append(run)
         verdict = _io_verdict(recipe, run, case["output"])
         if verdict == Verdict.OK:
@@ -349,7 +367,12 @@ def _judge_io(
 
 
 def _result(
-    verdict: Verdict, passed: int, total: int, single: RawRun | None, runs: list[RawRun]
+    verdict: Verdict,
+    passed: int,
+    total: int,
+    single: RawRun | None,
+    runs: list[RawRun],
+    tamper_reason: str | None = None,
 ) -> ExecutionResult:
     shown = single or (runs[-1] if runs else RawRun())
     peaks = [r.peak_memory_kb for r in runs if r.peak_memory_kb is not None]
@@ -361,7 +384,23 @@ def _result(
         peak_memory_kb=max(peaks) if peaks else None,
         stdout_tail=_tail(shown.stdout),
         stderr_tail=_tail(shown.stderr),
+        tampered=tamper_reason is not None,
+        tamper_reason=tamper_reason,
     )
+
+
+def _tamper_reason(run: RawRun) -> str | None:
+    """The reason a harness gave for seeing tampering, if it saw any.
+
+    Anything the candidate prints can only make its own verdict worse, so a
+    marker it forges itself costs it nothing it could have had.
+    """
+    output = (run.stderr + b"\n" + run.stdout).decode(errors="replace")
+    at = output.rfind(TAMPER_MARKER)
+    if at < 0:
+        return None
+    reason = output[at + len(TAMPER_MARKER) :].split("\n", 1)[0].strip().strip('"')
+    return reason[:500] or "tampered"
 
 
 def _tail(data: bytes) -> str:
@@ -381,16 +420,24 @@ def _limit_verdict(run: RawRun) -> Verdict | None:
     return None
 
 
+# Languages whose test-mode runs exit COMPILE_ERROR_STATUS when the program does not parse.
+_CHECKS_SYNTAX = {Language.PYTHON, Language.JAVASCRIPT, Language.BASH}
+
+
 def _test_verdict(recipe: Recipe, run: RawRun, token: str) -> Verdict:
     if limit := _limit_verdict(run):
         return limit
+    if _tamper_reason(run):
+        return Verdict.WRONG_ANSWER
     if run.exit_code == 0:
         lines = run.stdout.decode(errors="replace").split()
         # OK needs the token the harness prints after the last test, as the final output.
         return Verdict.OK if lines and lines[-1] == token else Verdict.WRONG_ANSWER
-    if recipe.language == Language.PYTHON and run.exit_code == ZYGOTE_COMPILE_ERROR:
+    if run.exit_code == COMPILE_ERROR_STATUS and recipe.language in _CHECKS_SYNTAX:
         return Verdict.COMPILE_ERROR
-    if recipe.language == Language.PHP and b"PHP Parse error" in run.stderr:
+    if recipe.language == Language.PHP and (
+        b"PHP Parse error" in run.stderr or b"Uncaught ParseError" in run.stderr
+    ):
         return Verdict.COMPILE_ERROR
     output = run.stderr + run.stdout
     if any(marker.encode() in output for marker in recipe.assertion_markers):
@@ -404,7 +451,7 @@ def _io_verdict(recipe: Recipe, run: RawRun, expected: str) -> Verdict:
     if limit := _limit_verdict(run):
         return limit
     if run.exit_code != 0:
-        if recipe.language == Language.PYTHON and run.exit_code == ZYGOTE_COMPILE_ERROR:
+        if recipe.language == Language.PYTHON and run.exit_code == COMPILE_ERROR_STATUS:
             return Verdict.COMPILE_ERROR
         return Verdict.RUNTIME_ERROR
     # Whitespace-tolerant: the same tokens in the same order.
@@ -418,7 +465,10 @@ def _io_verdict(recipe: Recipe, run: RawRun, expected: str) -> Verdict:
 def _compiled(slot: Slot, recipe: Recipe, program: str) -> tuple[Path | None, RawRun]:
     """The folder of compiled artefacts, or None and the failed compile run."""
     assert recipe.compile is not None
-    key = hashlib.sha256("\0".join([*recipe.compile, program]).encode()).hexdigest()
+    parts = [*recipe.compile, program]
+    if recipe.harness_sources:
+        parts.append(harness_dir().name)  # its name carries the harness's digest
+    key = hashlib.sha256("\0".join(parts).encode()).hexdigest()
     final = CACHE_DIR / key
     if (final / "ok").exists():
         with contextlib.suppress(OSError):
@@ -430,7 +480,7 @@ def _compiled(slot: Slot, recipe: Recipe, program: str) -> tuple[Path | None, Ra
     staging = Path(tempfile.mkdtemp(dir=CACHE_DIR, prefix=".build-"))
     os.chown(staging, slot.host.uid, slot.host.gid)
     staging.chmod(0o755)
-    ro_binds = [(str(slot.src), SRC)]
+    ro_binds = [(str(slot.src), SRC), (str(harness_dir()), HARNESS)]
     if recipe.language == Language.TYPESCRIPT:
         ro_binds.append((str(typescript_dir()), TYPESCRIPT_DIR))
     launch = Launch(list(recipe.compile), ro_binds=ro_binds, rw_binds=[(str(staging), BUILD)])
@@ -485,10 +535,18 @@ def typescript_dir() -> Path:
     raise FileNotFoundError("the TypeScript compiler is missing: run `npm ci` in the repository")
 
 
+def harness_dir() -> Path:
+    """The judge's harness files (harness/), copied where the sandbox user can read them."""
+    return _readable_copy(HARNESS_SOURCES)
+
+
 def _readable_copy(source: Path) -> Path:
     """`source` (a file or folder) copied once, by content version, under RUNTIME_DIR."""
-    version_file = source / "package.json" if source.is_dir() else source
-    digest = hashlib.sha256(version_file.read_bytes()).hexdigest()[:16]
+    if source.is_dir() and not (source / "package.json").exists():
+        versioned = sorted(path for path in source.iterdir() if path.is_file())
+    else:
+        versioned = [source / "package.json" if source.is_dir() else source]
+    digest = hashlib.sha256(b"".join(path.read_bytes() for path in versioned)).hexdigest()[:16]
     target = RUNTIME_DIR / f"{source.name}-{digest}"
     if target.exists():
         return target
@@ -520,21 +578,68 @@ def _execute(
     stdin_path: Path | None,
     token: str,
     limits: Limits,
+    tests_at: int,
 ) -> RawRun:
+    """One run; in test mode (`token`) the harness reads the token from a pipe."""
     if recipe.language == Language.PYTHON:
-        return _run_in_zygote(slot, stdin_path, token, limits)
+        return _run_in_zygote(slot, stdin_path, token, limits, tests_at)
     argv = list(recipe.run)
+    if token and recipe.language in (Language.JAVASCRIPT, Language.TYPESCRIPT):
+        argv[1:1] = node_lockdown()
     if recipe.language == Language.JAVA:
         # The JVM sizes its heap from host RAM, not the cgroup it cannot see.
         argv.insert(1, f"-Xmx{max(32, limits.memory_mb * 3 // 4)}m")
-    if token:
-        argv.append(token)
-    ro_binds = [(str(slot.src), SRC)]
+    ro_binds = [(str(slot.src), SRC), (str(harness_dir()), HARNESS)]
     if build is not None:
         ro_binds.append((str(build), BUILD))
+    secret_fd = None
+    if token:
+        # The harness learns only the pipe's number from its command line.
+        secret_fd = _token_pipe(token, slot.host)
+        argv.append(str(secret_fd))
     launch = Launch(argv, ro_binds=ro_binds, cpu_s=math.ceil(limits.timeout_s) + 1)
     paths = {BUILD: build} if build is not None else {}
-    return _run_cold(slot, launch, recipe, limits, stdin_path, paths)
+    try:
+        return _run_cold(slot, launch, recipe, limits, stdin_path, paths, secret_fd)
+    finally:
+        if secret_fd is not None:
+            os.close(secret_fd)
+
+
+@functools.cache
+def node_lockdown() -> tuple[str, ...]:
+    """Node's permission model for test runs, where this Node has it; () where not.
+
+    It takes away the inspector (whose protocol reads any closure, the harness's
+    secret included), child processes, workers and native addons; files stay
+    readable and writable (the sandbox bounds those).
+    """
+    allow = ("--allow-fs-read=*", "--allow-fs-write=*")
+    for flag in ("--permission", "--experimental-permission"):
+        flags = ("--no-warnings", flag, *allow)  # no "experimental feature" line on stderr
+        try:
+            probe = subprocess.run(
+                ["/usr/bin/node", *flags, "-e", "0"], capture_output=True, timeout=30
+            )
+        except (OSError, subprocess.TimeoutExpired):
+            return ()
+        if probe.returncode == 0 and not probe.stderr:
+            return flags
+    return ()
+
+
+def _token_pipe(token: str, host: Host) -> int:
+    """The read end of a pipe holding `token`, which the harness reads to its end.
+
+    The token is written whole before the program starts: far below a pipe's
+    buffer, so this cannot block.
+    """
+    read_end, write_end = os.pipe()
+    os.write(write_end, token.encode() + b"\n")
+    os.close(write_end)
+    # Java and C# reopen it through /proc/self/fd, which checks the pipe's owner.
+    os.fchown(read_end, host.uid, host.gid)
+    return read_end
 
 
 def _run_cold(
@@ -544,6 +649,7 @@ def _run_cold(
     limits: Limits,
     stdin_path: Path | None,
     paths: dict[str, Path],
+    secret_fd: int | None = None,
 ) -> RawRun:
     """One fresh sandbox for one command."""
     host = slot.host
@@ -561,6 +667,7 @@ def _run_cold(
             cgroup_procs=slot.procs_files,
             sandbox_paths=host.isolated,
             stdin=stdin.fileno() if stdin else subprocess.DEVNULL,
+            pass_fds=() if secret_fd is None else (secret_fd,),
             cwd=None if host.isolated else str(slot.job),
         )
     finally:
@@ -602,6 +709,7 @@ def _run_cold(
 def _on_host_paths(slot: Slot, launch: Launch, paths: dict[str, Path]) -> Launch:
     """Insecure mode: the same command with the host folders the sandbox would have bound."""
     mapping = {SRC: str(slot.src), JOB: str(slot.job), **{k: str(v) for k, v in paths.items()}}
+    mapping[HARNESS] = str(harness_dir())
     if any(TYPESCRIPT_DIR in arg for arg in launch.argv):
         mapping[TYPESCRIPT_DIR] = str(typescript_dir())
     argv = []
@@ -612,13 +720,19 @@ def _on_host_paths(slot: Slot, launch: Launch, paths: dict[str, Path]) -> Launch
     return replace(launch, argv=argv)
 
 
-def _run_in_zygote(slot: Slot, stdin_path: Path | None, token: str, limits: Limits) -> RawRun:
+def _run_in_zygote(
+    slot: Slot, stdin_path: Path | None, token: str, limits: Limits, tests_at: int
+) -> RawRun:
     """Fork the slot's warm interpreter for one run; restart it if it is gone."""
     slot.limit(limits.memory_mb + ZYGOTE_MEMORY_MB, recipe_for(Language.PYTHON).max_pids)
     stdin_fd = os.open(stdin_path or os.devnull, os.O_RDONLY)
     out_read, out_write = os.pipe()
     err_read, err_write = os.pipe()
-    request = json.dumps({"token": token, "cpu_s": math.ceil(limits.timeout_s) + 1}).encode()
+    cpu_s = math.ceil(limits.timeout_s) + 1
+    request = json.dumps({"cpu_s": cpu_s, "tests_at": tests_at if token else None}).encode()
+    fds = [stdin_fd, out_write, err_write]
+    if token:
+        fds.append(_token_pipe(token, slot.host))
     try:
         for _attempt in range(2):
             if slot.zygote is None or slot.zygote.poll() is not None:
@@ -627,14 +741,14 @@ def _run_in_zygote(slot: Slot, stdin_path: Path | None, token: str, limits: Limi
             if slot.control is None:
                 continue  # it did not start
             try:
-                socket.send_fds(slot.control, [request], [stdin_fd, out_write, err_write])
+                socket.send_fds(slot.control, [request], fds)
                 break
             except OSError:
                 slot.stop_zygote()
         else:
             return RawRun(lost=True, stderr=b"the sandboxed interpreter did not start")
     finally:
-        for fd in (stdin_fd, out_write, err_write):
+        for fd in fds:
             os.close(fd)
     oom_before = slot.oom_kills()
     started = time.monotonic()
