@@ -48,6 +48,7 @@ CANDIDATE_COLUMNS: tuple[str, ...] = (
     "verdict",
     "tests_passed",
     "tests_total",
+    "tampered",
     "reward_model_version_id",
     "score",
     "hard_negative",
@@ -124,6 +125,9 @@ class CandidateFilter(BaseModel):
     iteration: int | None = Field(None, ge=0, le=INT32, description="Iteration number.")
     verdict: Verdict | None = None
     hard_negative: bool | None = None  # labelled by any reward model version
+    tampered: bool | None = Field(
+        None, description="Runs the sandbox caught forging OK or disarming the tests."
+    )
     origin: Origin | None = None
     generator_version_id: int | None = Field(None, ge=1, le=INT32)
     reward_model_version_id: int | None = Field(
@@ -198,6 +202,7 @@ def candidate_select(
         Execution.verdict,
         Execution.passed.label("tests_passed"),
         Execution.total.label("tests_total"),
+        Execution.tampered,
         Score.reward_model_version_id,
         Score.score,
         Candidate.created_at,
@@ -211,7 +216,7 @@ def candidate_select(
     )
     query = (
         query.join(Execution, Execution.candidate_id == Candidate.id)
-        if flt.verdict is not None
+        if flt.verdict is not None or flt.tampered is not None
         else query.outerjoin(Execution, Execution.candidate_id == Candidate.id)
     )
     query = query.join(Score, score_join) if flt.needs_score else query.outerjoin(Score, score_join)
@@ -226,6 +231,8 @@ def candidate_select(
         query = query.where(Execution.verdict == flt.verdict)
     if flt.hard_negative is not None:
         query = query.where(_is_hard_negative() if flt.hard_negative else ~_is_hard_negative())
+    if flt.tampered is not None:
+        query = query.where(Execution.tampered == flt.tampered)
     if flt.origin is not None:
         query = query.where(Candidate.origin == flt.origin)
     if flt.generator_version_id is not None:
@@ -423,6 +430,8 @@ def candidate_detail(session: Session, candidate_id: int) -> dict[str, Any] | No
             "stdout_tail": execution.stdout_tail,
             "stderr_tail": execution.stderr_tail,
             "attempts": execution.attempts,
+            "tampered": execution.tampered,
+            "tamper_reason": execution.tamper_reason,
         },
         "scores": [
             {"reward_model_version_id": v, "reward_model_name": n, "score": s, "created_at": t}

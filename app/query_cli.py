@@ -86,6 +86,12 @@ def candidates_list(
     hard_negative: Annotated[
         bool | None, typer.Option("--hard-negative/--not-hard-negative", help="Labelled or not.")
     ] = None,
+    tampered: Annotated[
+        bool | None,
+        typer.Option(
+            "--tampered/--not-tampered", help="Runs the sandbox caught forging OK or not."
+        ),
+    ] = None,
     origin: Annotated[Origin | None, typer.Option()] = None,
     generator_version: Annotated[
         int | None, typer.Option(help="Generator model version id.")
@@ -113,6 +119,7 @@ def candidates_list(
             iteration=iteration,
             verdict=verdict,
             hard_negative=hard_negative,
+            tampered=tampered,
             origin=origin,
             generator_version_id=generator_version,
             reward_model_version_id=reward_version,

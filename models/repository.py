@@ -414,6 +414,12 @@ def iteration_summaries(session: Session) -> list[dict[str, Any]]:
         .group_by(Execution.iteration_id, Execution.verdict)
     ):
         verdicts.setdefault(iteration_id, {})[str(verdict)] = count
+    tampered = _counts_by_iteration(
+        session,
+        select(Execution.iteration_id, func.count())
+        .where(Execution.iteration_id.is_not(None), Execution.tampered)
+        .group_by(Execution.iteration_id),
+    )
     tags = dict(session.execute(select(DatasetVersion.iteration_id, DatasetVersion.dvc_tag)).all())
     trained = {}  # the last successful reward training of each iteration
     for run in session.scalars(
@@ -435,6 +441,8 @@ def iteration_summaries(session: Session) -> list[dict[str, Any]]:
             "candidates": candidates.get(iteration.id, 0),
             "executions": sum(verdicts.get(iteration.id, {}).values()),
             "hard_negatives": hard_negatives.get(iteration.id, 0),
+            # runs the sandbox caught forging OK or disarming the tests
+            "tampered": tampered.get(iteration.id, 0),
             "verdicts": verdicts.get(iteration.id, {}),
             "dvc_tag": tags.get(iteration.id),
             "reward_accuracy": trained.get(iteration.id),

@@ -45,6 +45,7 @@ def make_candidate(
     origin: Origin = Origin.GENERATOR,
     verdict: Verdict | None = None,
     iteration_id: int | None = None,
+    tamper_reason: str | None = None,
 ) -> Candidate:
     code = code if code is not None else f"def add(a, b):\n    return a + b  # {next(_sequence)}\n"
     candidate = Candidate(
@@ -64,6 +65,8 @@ def make_candidate(
                 verdict=verdict,
                 passed=1 if verdict == Verdict.OK else 0,
                 total=1,
+                tampered=tamper_reason is not None,
+                tamper_reason=tamper_reason,
             )
         )
         session.flush()

@@ -26,6 +26,7 @@ PARQUET_SCHEMA = pa.schema(
         ("verdict", pa.string()),
         ("tests_passed", pa.int64()),
         ("tests_total", pa.int64()),
+        ("tampered", pa.bool_()),
         ("reward_model_version_id", pa.int64()),
         ("score", pa.float64()),
         ("hard_negative", pa.bool_()),

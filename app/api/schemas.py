@@ -53,6 +53,7 @@ class CandidateRow(BaseModel):
     verdict: str | None
     tests_passed: int | None
     tests_total: int | None
+    tampered: bool | None  # None: not executed yet
     reward_model_version_id: int | None
     score: float | None
     hard_negative: bool
@@ -96,6 +97,7 @@ class IterationOut(BaseModel):
     finished_at: datetime | None
     candidates: int
     hard_negatives: int
+    tampered: int  # runs the sandbox caught forging OK or disarming the tests
     verdicts: dict[str, int]
 
 

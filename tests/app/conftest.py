@@ -108,6 +108,8 @@ def seed_store(session: Session) -> Seeded:
             iteration_id=second.id,
             verdict=Verdict.WRONG_ANSWER,
             code=f"def add(a, b):\n    return a - {i}\n",
+            # the first one forged its success signal: caught, and kept as a negative
+            tamper_reason="success token printed before the tests ran" if i == 0 else None,
         )
         failing.append(candidate.id)
         session.add(

@@ -111,6 +111,9 @@ def test_candidate_filters(client, seeded):
     assert ids(language="cpp") == {seeded.cpp_candidate}
     assert ids(origin="mutation") == {seeded.cpp_candidate}
     assert ids(hard_negative="true") == {seeded.hard_negative}
+    # Reward-hacking attempts the sandbox caught: listed for analysis.
+    assert ids(tampered="true") == {seeded.failing[0]}
+    assert ids(tampered="false") == set(seeded.passing + seeded.failing[1:])
     assert seeded.hard_negative not in ids(hard_negative="false")
     assert ids(problem_id=seeded.python_problem) == set(seeded.passing + seeded.failing)
     assert ids(generator_version_id=seeded.generator) == set(seeded.passing)
@@ -239,6 +242,14 @@ def test_empty_export_still_has_a_header(client):
 # --- iterations and models -------------------------------------------------
 
 
+def test_tampered_runs_show_their_reason(client, seeded):
+    [row] = client.get("/candidates", params={"tampered": "true"}).json()["items"]
+    assert row["tampered"] is True and row["verdict"] == "WRONG_ANSWER"
+    detail = client.get(f"/candidates/{seeded.failing[0]}").json()
+    assert detail["execution"]["tamper_reason"] == "success token printed before the tests ran"
+    assert client.get("/candidates", params={"tampered": "maybe"}).status_code == 422
+
+
 def test_iterations_and_models(client, seeded):
     iterations = client.get("/iterations").json()
     assert [i["number"] for i in iterations] == [1, 2]
@@ -246,6 +257,7 @@ def test_iterations_and_models(client, seeded):
     assert (
         iterations[0]["hard_negatives"] == 1 and iterations[0]["metrics"]["reranked_pass1"] == 0.5
     )
+    assert [i["tampered"] for i in iterations] == [0, 1]
     one = client.get("/iterations/1").json()
     assert one["dataset_version"]["dvc_tag"] == "iter-1"
     assert client.get("/iterations/77").status_code == 404

@@ -75,6 +75,9 @@ def test_candidates_list_table_and_bad_input(store):
         and "WRONG_ANSWER" in table.stdout
         and str(store.hard_negative) in table.stdout
     )
+    tampered = json.loads(run("candidates", "list", "--tampered", "--format", "json").stdout)
+    assert [row["id"] for row in tampered] == [store.failing[0]]
+    assert tampered[0]["tampered"] is True
     assert run("candidates", "list", "--sort", "price").exit_code == 2
     assert run("candidates", "list", "--cursor", "garbage").exit_code == 2
     assert run("candidates", "list", "--verdict", "MAYBE").exit_code == 2
