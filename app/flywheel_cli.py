@@ -268,7 +268,11 @@ def print_report(rows: list[dict[str, Any]]) -> None:
     )  # fmt: skip
     for row in rows:
         verdicts = " ".join(f"{_abbrev(k)}={v}" for k, v in sorted(row["verdicts"].items()))
-        head = [str(row["number"]), row["status"], str(row["candidates"]), verdicts,
+        # "16 (+5 repeats)": five samples repeated a program already stored
+        stored = str(row["candidates"]) + (
+            f" (+{row['repeats']} repeats)" if row["repeats"] else ""
+        )
+        head = [str(row["number"]), row["status"], stored, verdicts,
                 str(row["hard_negatives"]), _fmt(row["reward_accuracy"])]  # fmt: skip
         evaluation = row["evaluation"] or {"-": {}}
         for language, m in evaluation.items():

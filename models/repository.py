@@ -439,6 +439,8 @@ def iteration_summaries(session: Session) -> list[dict[str, Any]]:
             "created_at": iteration.created_at,
             "finished_at": iteration.finished_at,
             "candidates": candidates.get(iteration.id, 0),
+            # samples that repeated a program already stored (kept once, so not counted above)
+            "repeats": max(iteration.params.get("sampled", 0) - candidates.get(iteration.id, 0), 0),
             "executions": sum(verdicts.get(iteration.id, {}).values()),
             "hard_negatives": hard_negatives.get(iteration.id, 0),
             # runs the sandbox caught forging OK or disarming the tests

@@ -77,7 +77,13 @@ def generate_candidates(session: Session, iteration_id: int, problem_ids: list[i
         for sample in problem_samples
     ]
     insert_candidates(session, rows)
-    iteration.params = {**iteration.params, "generated": sorted(generated | set(todo))}
+    iteration.params = {
+        **iteration.params,
+        "generated": sorted(generated | set(todo)),
+        # Samples drawn, against which the stored candidates are counted: a program
+        # stored before (an earlier iteration's, a repeat) is kept once.
+        "sampled": iteration.params.get("sampled", 0) + len(rows),
+    }
     return problem_ids
 
 

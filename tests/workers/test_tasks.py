@@ -22,7 +22,7 @@ from models import (
 )
 from models.db import session_scope
 from models.enums import IterationStatus, ModelKind, RunKind, RunStatus, Verdict
-from models.repository import is_collected, problem_progress
+from models.repository import is_collected, iteration_summaries, problem_progress
 from models.settings import get_settings
 from tests.factories import make_candidate, make_problem
 from tests.workers.conftest import (
@@ -304,3 +304,22 @@ def test_a_training_given_up_by_reconcile_registers_nothing(
     assert count(store, ModelVersion, ModelVersion.kind == ModelKind.REWARD) == 0
     reward_dir = Path(flywheel_env["RR_DATA_DIR"]) / "models" / "reward"
     assert not reward_dir.exists() or list(reward_dir.iterdir()) == []
+
+
+def test_status_says_how_many_samples_repeated_a_stored_program(store, tiny_model_dir):
+    """Mutants of iteration 2 often repeat iteration 1's: each program is stored once,
+    and the summary counts the repeats instead of silently storing fewer."""
+    problem_ids = add_problems(store, 3)
+    register_reward_model(store, tiny_model_dir)
+    first = open_iteration(store, problem_ids, MUTATION)
+    generation.generate_candidates(store, first.id, problem_ids)
+    first.status = IterationStatus.DONE
+    second = open_iteration(store, problem_ids, MUTATION)
+    generation.generate_candidates(store, second.id, problem_ids)
+    store.flush()
+    rows = {row["number"]: row for row in iteration_summaries(store)}
+    for number, iteration in ((1, first), (2, second)):
+        sampled = store.get(Iteration, iteration.id).params["sampled"]
+        assert sampled == len(problem_ids) * MUTATION.candidates  # every sample counted
+        assert rows[number]["candidates"] + rows[number]["repeats"] == sampled
+    assert rows[2]["repeats"] > 0  # the same references mutate into some of the same programs
