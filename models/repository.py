@@ -14,7 +14,7 @@ from operator import itemgetter
 from typing import Any
 
 import psycopg
-from sqlalchemy import Insert, Row, Select, Table, func, select, text, tuple_
+from sqlalchemy import Insert, Row, Select, Table, func, select, text, tuple_, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
@@ -253,6 +253,19 @@ def insert_hard_negative_labels(session: Session, rows: Sequence[dict[str, Any]]
         rows,
     )
     return len(written.all())
+
+
+def lock_row(session: Session, model: type[Iteration] | type[Evaluation], row_id: int):
+    """Take an iteration's or evaluation's row lock and return the row freshly read.
+
+    A no-op UPDATE rather than SELECT ... FOR UPDATE: it locks the row on
+    Postgres and takes the database write lock on SQLite, which ignores FOR UPDATE.
+    """
+    session.execute(update(model).where(model.id == row_id).values(status=model.status))
+    row = session.get(model, row_id, populate_existing=True)
+    if row is None:
+        raise LookupError(f"no {model.__tablename__[:-1]} {row_id}")
+    return row
 
 
 def insert_evaluation(session: Session, **values: Any) -> Evaluation:

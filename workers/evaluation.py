@@ -19,7 +19,7 @@ ever reads them. Like every stage, each step is idempotent by store state.
 
 from typing import Any
 
-from sqlalchemy import Select, and_, select, update
+from sqlalchemy import ColumnElement, Select, and_, select
 from sqlalchemy.orm import Session
 
 from models import (
@@ -34,7 +34,7 @@ from models import (
 )
 from models.base import utcnow
 from models.enums import EvaluationStatus, RunKind, RunStatus, Split, Verdict
-from models.repository import evaluation_progress, insert_evaluation, is_collected
+from models.repository import evaluation_progress, insert_evaluation, is_collected, lock_row
 from models.settings import get_settings
 from pipelines.evaluation import evaluation_report
 
@@ -125,17 +125,6 @@ def batches(evaluation: Evaluation, problem_ids: list[int]) -> list[list[int]]:
     return [problem_ids[i : i + size] for i in range(0, len(problem_ids), size)]
 
 
-def lock_evaluation(session: Session, evaluation_id: int) -> Evaluation:
-    """The evaluation's row, locked (a no-op UPDATE, as `lock_iteration` does)."""
-    session.execute(
-        update(Evaluation).where(Evaluation.id == evaluation_id).values(status=Evaluation.status)
-    )
-    evaluation = session.get(Evaluation, evaluation_id, populate_existing=True)
-    if evaluation is None:
-        raise LookupError(f"no evaluation {evaluation_id}")
-    return evaluation
-
-
 def drawn(evaluation_id: int, problem_id: int | None = None) -> Select:
     """Ids of the distinct programs the evaluation drew (for one problem)."""
     query = select(EvaluationSample.candidate_id).where(
@@ -149,7 +138,7 @@ def drawn(evaluation_id: int, problem_id: int | None = None) -> Select:
 def finish_evaluation(session: Session, evaluation_id: int) -> bool:
     """Compute and store the metrics once every draw is judged and scored; True when
     the evaluation is done (now or before)."""
-    evaluation = lock_evaluation(session, evaluation_id)
+    evaluation = lock_row(session, Evaluation, evaluation_id)
     if evaluation.status == EvaluationStatus.DONE:
         return True
     if not is_collected(evaluation_progress(session, evaluation)):
@@ -160,6 +149,14 @@ def finish_evaluation(session: Session, evaluation_id: int) -> bool:
     return True
 
 
+def _its_score(evaluation: Evaluation) -> ColumnElement[bool]:
+    """Joins a draw to its program's score by the evaluation's reward model."""
+    return and_(
+        Score.candidate_id == EvaluationSample.candidate_id,
+        Score.reward_model_version_id == evaluation.reward_model_version_id,
+    )
+
+
 def evaluation_metrics(session: Session, evaluation: Evaluation) -> dict[str, Any]:
     """`evaluation_report` over every draw (SANDBOX_ERROR draws left out: the sandbox
     failed, not the program)."""
@@ -167,13 +164,7 @@ def evaluation_metrics(session: Session, evaluation: Evaluation) -> dict[str, An
         select(Problem.language, EvaluationSample.problem_id, Execution.verdict, Score.score)
         .join(Problem, Problem.id == EvaluationSample.problem_id)
         .join(Execution, Execution.candidate_id == EvaluationSample.candidate_id)
-        .outerjoin(
-            Score,
-            and_(
-                Score.candidate_id == EvaluationSample.candidate_id,
-                Score.reward_model_version_id == evaluation.reward_model_version_id,
-            ),
-        )
+        .outerjoin(Score, _its_score(evaluation))
         .where(
             EvaluationSample.evaluation_id == evaluation.id,
             Execution.verdict != Verdict.SANDBOX_ERROR,
@@ -209,13 +200,7 @@ def missing_work(session: Session, evaluation: Evaluation) -> dict[str, list[int
             select(EvaluationSample.problem_id)
             .distinct()
             .join(Execution, Execution.candidate_id == EvaluationSample.candidate_id)
-            .outerjoin(
-                Score,
-                and_(
-                    Score.candidate_id == EvaluationSample.candidate_id,
-                    Score.reward_model_version_id == evaluation.reward_model_version_id,
-                ),
-            )
+            .outerjoin(Score, _its_score(evaluation))
             .where(in_evaluation, Execution.verdict != Verdict.SANDBOX_ERROR, Score.id.is_(None))
         )
     )

@@ -9,14 +9,13 @@ from sqlalchemy.orm import Session
 from models import Evaluation, Iteration, ModelVersion, Problem
 from models.db import session_scope
 from models.enums import Origin
-from models.repository import insert_candidates, insert_evaluation_samples
+from models.repository import insert_candidates, insert_evaluation_samples, lock_row
 
 # The stage's heavy imports (torch, transformers) happen here, once, in the worker's
 # parent process before it forks its pool, instead of in the first task each runs.
 from pipelines.generation import GenerationConfig, PromptSpec, make_generator
 from workers.celery_app import RETRY, celery
-from workers.evaluation import lock_evaluation
-from workers.iteration import FlywheelParams, after_drawing, after_generation, lock_iteration
+from workers.iteration import FlywheelParams, after_drawing, after_generation
 from workers.names import DRAW_SAMPLES, GENERATE_BATCH
 
 
@@ -60,7 +59,7 @@ def generate_candidates(session: Session, iteration_id: int, problem_ids: list[i
     )
     # Generate before taking the lock: the lock is held only for the write.
     samples = generator.generate([PromptSpec.from_problem(p) for p in problems], params.candidates)
-    iteration = lock_iteration(session, iteration_id)
+    iteration = lock_row(session, Iteration, iteration_id)
     generated = set(iteration.params["generated"])
     origin = Origin.MUTATION if params.backend == "mutation" else Origin.GENERATOR
     rows = [
@@ -110,7 +109,7 @@ def draw_evaluation_samples(
         params["prompt_style"],
     )
     samples = generator.generate([PromptSpec.from_problem(p) for p in problems], params["samples"])
-    evaluation = lock_evaluation(session, evaluation_id)  # held only for the write
+    evaluation = lock_row(session, Evaluation, evaluation_id)  # held only for the write
     generated = set(evaluation.params["generated"])
     draws = [
         (problem.id, index, sample)

@@ -23,7 +23,7 @@ Idempotence comes from the store: unique keys with ON CONFLICT DO NOTHING, and
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-from sqlalchemy import func, or_, select, update
+from sqlalchemy import func, or_, select
 from sqlalchemy.orm import Session
 
 from models import Evaluation, HardNegativeLabel, Iteration, ModelVersion, Problem, TrainingRun
@@ -33,6 +33,7 @@ from models.repository import (
     current_model,
     dataset_version,
     is_collected,
+    lock_row,
     problem_progress,
     register_model_version,
 )
@@ -105,21 +106,6 @@ class FlywheelParams:
 def _send(session: Session, task_name: str, *args: Any) -> None:
     """Send task `task_name` (routed by its name) once `session` commits."""
     enqueue_after_commit(session, celery.signature(task_name, args=args))
-
-
-def lock_iteration(session: Session, iteration_id: int) -> Iteration:
-    """Take the iteration's row lock and return it freshly read.
-
-    A no-op UPDATE rather than SELECT ... FOR UPDATE: it locks the row on
-    Postgres and takes the database write lock on SQLite, which ignores FOR UPDATE.
-    """
-    session.execute(
-        update(Iteration).where(Iteration.id == iteration_id).values(status=Iteration.status)
-    )
-    iteration = session.get(Iteration, iteration_id, populate_existing=True)
-    if iteration is None:
-        raise LookupError(f"no iteration {iteration_id}")
-    return iteration
 
 
 def _generator_version(session: Session) -> ModelVersion:
@@ -315,7 +301,7 @@ def maybe_trigger_retraining(session: Session, iteration_id: int) -> TrainingRun
 def advance_iteration(session: Session, iteration_id: int) -> IterationStatus:
     """Take the iteration's next step if the store says it is due; idempotent."""
 
-    iteration = lock_iteration(session, iteration_id)
+    iteration = lock_row(session, Iteration, iteration_id)
     params = FlywheelParams.from_dict(iteration.params)
     if iteration.status == IterationStatus.OPEN:
         reward = current_model(session, ModelKind.REWARD)
