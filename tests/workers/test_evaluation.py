@@ -143,3 +143,34 @@ def test_held_out_problems_never_open_an_iteration(session):
     held_out = make_problem(session, split=Split.EVAL)
     with pytest.raises(ValueError, match=f"held-out .* ids \\[{held_out.id}\\]"):
         open_iteration(session, [held_out.id], MUTATION)
+
+
+def test_evaluate_command_completes_then_recomputes_an_evaluation(store, tiny_model_dir):
+    """`rewardranker evaluate --iteration 0` runs the stage in-process (no worker):
+    it opens and completes the baseline, and a second call recomputes the same
+    metrics from the stored draws."""
+    from typer.testing import CliRunner
+
+    from app.cli import app
+
+    iteration = _held_out_store(store, tiny_model_dir)
+    store.commit()
+
+    def evaluate(number: int):
+        return CliRunner().invoke(app, ["evaluate", "--iteration", str(number)])
+
+    first = evaluate(0)
+    assert first.exit_code == 0, first.output
+    assert "pass@1 on held-out problems" in first.output
+    store.expire_all()
+    [evaluation] = store.scalars(select(Evaluation)).all()
+    assert (evaluation.number, evaluation.iteration_id) == (0, iteration.id)
+    assert_evaluation_exactly_once(store, evaluation.id)
+    metrics = evaluation.metrics
+    again = evaluate(0)
+    assert again.exit_code == 0
+    store.expire_all()
+    assert store.get(Evaluation, evaluation.id).metrics == metrics
+    assert count(store, Evaluation) == 1
+    missing = evaluate(5)
+    assert missing.exit_code == 1 and "no iteration 5" in missing.output
