@@ -276,7 +276,7 @@ def quality(generator: TransformersGenerator, args) -> dict:
         max_length=args.reward_max_length,
         eval_fraction=0.0,
         learning_rate=args.reward_lr,
-        lora=args.reward_lora,
+        method="lora" if args.reward_lora else "auto",
     )
     folder = Path(tempfile.mkdtemp(prefix="rr-bench-reward-"))
     train_s, metrics = timed(lambda: train_reward_model(pairs, config, folder))
