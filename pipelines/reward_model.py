@@ -263,8 +263,71 @@ def _pad(
     }
 
 
+def _pooled_position(ids: Sequence[int], pad_id: int) -> int:
+    """The position the classification head reads: the last non-pad token, as
+    transformers' *ForSequenceClassification picks it."""
+    return max((i for i, token in enumerate(ids) if token != pad_id), default=0)
+
+
 def _bf16_autocast(device: str, enabled: bool):
     return torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=enabled)
+
+
+# Candidates of one problem start with the same prompt tokens; a batch whose
+# texts share at least this many leading tokens runs them once.
+MIN_SHARED_PREFIX = 16
+
+
+def _shared_prefix_batches(texts: Sequence[list[int]], batch_size: int) -> list[list[int]]:
+    """Batches of indices into `texts`: sorted by token ids, so the candidates of
+    one problem sit together, and cut where the shared prefix would fall short."""
+    order = sorted(range(len(texts)), key=lambda i: texts[i])
+    batches: list[list[int]] = []
+    for index in order:
+        if batches and len(batches[-1]) < batch_size:
+            first = texts[batches[-1][0]]
+            if _common_prefix(first, texts[index]) >= MIN_SHARED_PREFIX:
+                batches[-1].append(index)
+                continue
+        batches.append([index])
+    return batches
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    length = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        length += 1
+    return length
+
+
+def _last_hidden_states(
+    backbone: Any, texts: Sequence[list[int]], pad_id: int, device: str
+) -> torch.Tensor:
+    """`backbone`'s output for `texts`, right-padded to the longest; the tokens
+    all texts begin with run once, and the rest attends to their cached keys."""
+    from transformers import DynamicCache
+
+    # At least two tokens stay per text, so each keeps its pooled token in the rest.
+    shared = min(_common_prefix(texts[0], text) for text in texts)
+    shared = min(shared, min(len(text) for text in texts) - 2)
+    if len(texts) == 1 or shared < MIN_SHARED_PREFIX:
+        return backbone(**_pad(texts, pad_id, device=device)).last_hidden_state
+    cache = DynamicCache(config=backbone.config)
+    prefix = torch.tensor([texts[0][:shared]], device=device)
+    head = backbone(input_ids=prefix, cache=cache, use_cache=True).last_hidden_state
+    cache.batch_repeat_interleave(len(texts))
+    rest = _pad([text[shared:] for text in texts], pad_id, device=device)
+    mask = torch.cat([torch.ones(len(texts), shared, device=device), rest["attention_mask"]], 1)
+    tail = backbone(
+        input_ids=rest["input_ids"],
+        attention_mask=mask.long(),
+        position_ids=rest["position_ids"] + shared,
+        cache=cache,
+        use_cache=True,
+    ).last_hidden_state
+    return torch.cat([head.expand(len(texts), -1, -1), tail], 1)
 
 
 class RewardScorer:
@@ -305,20 +368,15 @@ class RewardScorer:
             for p, c in zip(prompts, codes, strict=True)
         ]
         encoded = [list(ids) for ids in distinct]
-        # Batch similar lengths together so little compute goes to padding.
-        order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
         scores = [0.0] * len(encoded)
-        left = self.tokenizer.padding_side == "left"
-        for start in range(0, len(order), self.batch_size):
-            batch = order[start : start + self.batch_size]
-            inputs = _pad(
-                [encoded[i] for i in batch],
-                self.tokenizer.pad_token_id,
-                left=left,
-                device=self.device,
-            )
+        pad_id = self.tokenizer.pad_token_id
+        for batch in _shared_prefix_batches(encoded, self.batch_size):
+            texts = [encoded[i] for i in batch]
             with _bf16_autocast(self.device, self.bf16):
-                logits = self.model(**inputs).logits[:, 0]
+                hidden = _last_hidden_states(self.model.base_model, texts, pad_id, self.device)
+                rows = torch.arange(len(batch), device=self.device)
+                pooled = hidden[rows, [_pooled_position(text, pad_id) for text in texts]]
+                logits = self.model.score(pooled)[:, 0]
             for index, value in zip(batch, logits.float().tolist(), strict=True):
                 scores[index] = value
         return [scores[slot] for slot in slots]
@@ -472,12 +530,6 @@ def _running_only(backbone: Any, layers: Sequence[Any], *, final_norm: bool) -> 
         backbone.layers, backbone.norm = all_layers, norm
 
 
-def _pooled_position(ids: Sequence[int], pad_id: int) -> int:
-    """The position the classification head reads: the last non-pad token, as
-    transformers' *ForSequenceClassification picks it."""
-    return max((i for i, token in enumerate(ids) if token != pad_id), default=0)
-
-
 class FrozenPrefix:
     """The activations of a classifier's frozen layers (embeddings and all decoder
     layers below the top `trainable_layers`), computed once per distinct text,
@@ -518,14 +570,12 @@ class FrozenPrefix:
     def _frozen_states(self, bottom: list[Any], texts: Sequence[list[int]], batch_size: int):
         """Per text, its hidden states after the frozen layers, unpadded."""
         states: list[torch.Tensor] = [torch.empty(0)] * len(texts)
-        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-        backbone = self.model.base_model
+        backbone, device = self.model.base_model, str(self.device)
         with _running_only(backbone, bottom, final_norm=False):
-            for start in range(0, len(order), batch_size):
-                batch = order[start : start + batch_size]
-                inputs = _pad([texts[i] for i in batch], self.pad_id, device=str(self.device))
-                with _bf16_autocast(str(self.device), self.bf16):
-                    hidden = backbone(**inputs).last_hidden_state
+            for batch in _shared_prefix_batches(texts, batch_size):
+                batch_texts = [texts[i] for i in batch]
+                with _bf16_autocast(device, self.bf16):
+                    hidden = _last_hidden_states(backbone, batch_texts, self.pad_id, device)
                 for row, index in enumerate(batch):
                     states[index] = hidden[row, : len(texts[index])].clone()
         return states

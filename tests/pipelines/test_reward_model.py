@@ -19,8 +19,10 @@ from pipelines.reward_model import (
     RewardConfig,
     RewardScorer,
     _encode,
+    _last_hidden_states,
     _load,
     _pad,
+    _shared_prefix_batches,
     build_pairs,
     reward_text,
     split_by_problem,
@@ -139,6 +141,24 @@ def test_frozen_prefix_scores_as_the_whole_model_does(tiny_model_dir, trainable_
 
     assert cached.tolist() == pytest.approx(whole[[2, 0, 1]].tolist(), abs=1e-5)
     assert len(prefix.top) == trainable_layers
+
+
+def test_shared_prompt_runs_once_and_changes_nothing(tiny_model_dir):
+    """Candidates of one problem share the prompt's tokens: batched together, the
+    prefix runs once and the rest attends to its cached keys, with the same result."""
+    tokenizer, model = _load(str(tiny_model_dir))
+    prompt = 'def f(x):\n    """Return x plus one, or raise on a negative x."""\n' * 2
+    first = [_encode(tokenizer, prompt, prompt + f"    return x + {k}\n", 64) for k in range(3)]
+    other = _encode(tokenizer, "def g(y):\n", "def g(y):\n    return y\n", 64)
+    texts = [first[0], other, first[1], first[2]]
+
+    batches = _shared_prefix_batches(texts, batch_size=8)
+    assert sorted(map(sorted, batches)) == [[0, 2, 3], [1]]
+    with torch.no_grad():
+        shared = _last_hidden_states(model.base_model, first, tokenizer.pad_token_id, "cpu")
+        plain = model.base_model(**_pad(first, tokenizer.pad_token_id)).last_hidden_state
+    for row, ids in enumerate(first):
+        assert torch.allclose(shared[row, : len(ids)], plain[row, : len(ids)], atol=1e-5)
 
 
 def test_top_layers_beyond_the_backbone_are_refused(tiny_model_dir, tmp_path):
