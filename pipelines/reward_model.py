@@ -302,31 +302,50 @@ def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     return length
 
 
+def _inputs(
+    texts: Sequence[list[int]],
+    pad_id: int,
+    device: str,
+    states: Sequence[torch.Tensor] | None = None,
+) -> dict[str, torch.Tensor]:
+    """`_pad`'s inputs, with the texts' given input states in place of their ids."""
+    inputs = _pad(texts, pad_id, device=device)
+    if states is not None:
+        embeds = torch.nn.utils.rnn.pad_sequence(list(states), batch_first=True)
+        inputs = {k: v for k, v in inputs.items() if k != "input_ids"} | {"inputs_embeds": embeds}
+    return inputs
+
+
 def _last_hidden_states(
-    backbone: Any, texts: Sequence[list[int]], pad_id: int, device: str
+    backbone: Any,
+    texts: Sequence[list[int]],
+    pad_id: int,
+    device: str,
+    states: Sequence[torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """`backbone`'s output for `texts`, right-padded to the longest; the tokens
-    all texts begin with run once, and the rest attends to their cached keys."""
+    """`backbone`'s output for `texts` (or for their input `states`), right-padded
+    to the longest; the tokens all texts begin with run once, and the rest attends
+    to their cached keys (gradients flow through both)."""
     from transformers import DynamicCache
 
     # At least two tokens stay per text, so each keeps its pooled token in the rest.
     shared = min(_common_prefix(texts[0], text) for text in texts)
     shared = min(shared, min(len(text) for text in texts) - 2)
     if len(texts) == 1 or shared < MIN_SHARED_PREFIX:
-        return backbone(**_pad(texts, pad_id, device=device)).last_hidden_state
+        return backbone(**_inputs(texts, pad_id, device, states)).last_hidden_state
     cache = DynamicCache(config=backbone.config)
-    prefix = torch.tensor([texts[0][:shared]], device=device)
-    head = backbone(input_ids=prefix, cache=cache, use_cache=True).last_hidden_state
+    prefix_states = None if states is None else [states[0][:shared]]
+    prefix = _inputs([texts[0][:shared]], pad_id, device, prefix_states)
+    head = backbone(**prefix, cache=cache, use_cache=True).last_hidden_state
     cache.batch_repeat_interleave(len(texts))
-    rest = _pad([text[shared:] for text in texts], pad_id, device=device)
-    mask = torch.cat([torch.ones(len(texts), shared, device=device), rest["attention_mask"]], 1)
-    tail = backbone(
-        input_ids=rest["input_ids"],
-        attention_mask=mask.long(),
-        position_ids=rest["position_ids"] + shared,
-        cache=cache,
-        use_cache=True,
-    ).last_hidden_state
+    rest_states = None if states is None else [state[shared:] for state in states]
+    rest = _inputs([text[shared:] for text in texts], pad_id, device, rest_states)
+    rest["attention_mask"] = torch.cat(
+        [torch.ones_like(rest["attention_mask"][:, :1]).expand(-1, shared), rest["attention_mask"]],
+        1,
+    )
+    rest["position_ids"] = rest["position_ids"] + shared
+    tail = backbone(**rest, cache=cache, use_cache=True).last_hidden_state
     return torch.cat([head.expand(len(texts), -1, -1), tail], 1)
 
 
@@ -437,7 +456,10 @@ def train_reward_model(
     # 3. Train: the cached top-layer loop, or TRL's RewardTrainer for LoRA and full.
     started = time.perf_counter()
     if config.method == "top":
-        train_loss = _train_top_layers(model, tokenizer, chosen, rejected, config, progress)
+        problems = [pair.problem_id for pair in train_pairs]
+        train_loss = _train_top_layers(
+            model, tokenizer, chosen, rejected, problems, config, progress
+        )
         trained = model
     else:
         train_loss, trained = _train_with_trl(
@@ -519,15 +541,23 @@ def _train_with_trl(
 
 @contextmanager
 def _running_only(backbone: Any, layers: Sequence[Any], *, final_norm: bool) -> Iterator[None]:
-    """Make `backbone`'s forward run `layers` alone (and its final norm or not)."""
+    """Make `backbone`'s forward run `layers` alone (and its final norm or not).
+
+    A KV cache finds a layer's entry by its `layer_idx`, and counts the cached
+    tokens in entry 0, so the layers are numbered from 0 for the run."""
     all_layers, norm = backbone.layers, backbone.norm
+    numbers = [layer.self_attn.layer_idx for layer in layers]
     backbone.layers = torch.nn.ModuleList(layers)
+    for number, layer in enumerate(layers):
+        layer.self_attn.layer_idx = number
     if not final_norm:
         backbone.norm = torch.nn.Identity()
     try:
         yield
     finally:
         backbone.layers, backbone.norm = all_layers, norm
+        for number, layer in zip(numbers, layers, strict=True):
+            layer.self_attn.layer_idx = number
 
 
 class FrozenPrefix:
@@ -561,6 +591,7 @@ class FrozenPrefix:
         self.top = list(backbone.layers)[depth - trainable_layers :]
         self.pad_id = model.config.pad_token_id
         self.device = next(model.parameters()).device
+        self.texts = texts
         self.pooled = [_pooled_position(ids, self.pad_id) for ids in texts]
         self.states = self._frozen_states(
             list(backbone.layers)[: depth - trainable_layers], texts, batch_size
@@ -582,42 +613,39 @@ class FrozenPrefix:
 
     def scores(self, indices: Sequence[int]) -> torch.Tensor:
         """Scores of the texts at `indices`, through the trainable top (with gradients)."""
-        width = max(len(self.states[i]) for i in indices)
-        hidden = torch.zeros(
-            len(indices),
-            width,
-            self.states[indices[0]].shape[-1],
-            dtype=self.states[indices[0]].dtype,
-            device=self.device,
-        )
-        mask = torch.zeros(len(indices), width, dtype=torch.long, device=self.device)
-        for row, index in enumerate(indices):
-            hidden[row, : len(self.states[index])] = self.states[index]
-            mask[row, : len(self.states[index])] = 1
-        backbone = self.model.base_model
-        with (
-            _running_only(backbone, self.top, final_norm=True),
-            _bf16_autocast(str(self.device), self.bf16),
-        ):
-            positions = (mask.cumsum(-1) - 1).clamp(min=0)
-            out = backbone(inputs_embeds=hidden, attention_mask=mask, position_ids=positions)
-            rows = torch.arange(len(indices), device=self.device)
-            pooled = out.last_hidden_state[rows, torch.tensor([self.pooled[i] for i in indices])]
-            return self.model.score(pooled)[:, 0].float()
+        texts = [self.texts[i] for i in indices]
+        backbone, device = self.model.base_model, str(self.device)
+        scores: list[torch.Tensor] = [torch.empty(0)] * len(indices)
+        with _running_only(backbone, self.top, final_norm=True), _bf16_autocast(device, self.bf16):
+            for group in _shared_prefix_batches(texts, len(texts)):
+                at = [indices[k] for k in group]
+                hidden = _last_hidden_states(
+                    backbone,
+                    [texts[k] for k in group],
+                    self.pad_id,
+                    device,
+                    states=[self.states[i] for i in at],
+                )
+                rows = torch.arange(len(group), device=self.device)
+                pooled = hidden[rows, [self.pooled[i] for i in at]]
+                for k, score in zip(group, self.model.score(pooled)[:, 0].float(), strict=True):
+                    scores[k] = score
+        return torch.stack(scores)
 
 
-def _bucketed_batches(
-    lengths: Sequence[int], batch_size: int, rng: random.Random
+def _problem_batches(
+    problems: Sequence[int], batch_size: int, rng: random.Random
 ) -> list[list[int]]:
-    """One epoch's batches of indices: shuffled, then sorted by length within
-    windows of 16 batches, so a batch pads little but the order stays random."""
-    order = list(range(len(lengths)))
-    rng.shuffle(order)
-    window = batch_size * 16
-    batches = []
-    for start in range(0, len(order), window):
-        chunk = sorted(order[start : start + window], key=lengths.__getitem__)
-        batches += [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
+    """One epoch's batches of pair indices: pairs ordered by problem (problems and
+    pairs shuffled), then cut, so a batch holds few problems: their programs
+    share the prompt (it runs once) and the chosen side (scored once)."""
+    by_problem: dict[int, list[int]] = defaultdict(list)
+    for index, problem in enumerate(problems):
+        by_problem[problem].append(index)
+    groups = list(by_problem.values())
+    rng.shuffle(groups)
+    order = [index for group in groups for index in rng.sample(group, len(group))]
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     rng.shuffle(batches)
     return batches
 
@@ -627,6 +655,7 @@ def _train_top_layers(
     tokenizer: Any,
     chosen: list[list[int]],
     rejected: list[list[int]],
+    problems: list[int],
     config: RewardConfig,
     progress: Progress | None,
 ) -> float:
@@ -649,19 +678,16 @@ def _train_top_layers(
         parameter.requires_grad_(True)
     model.train()
 
-    # 3. Bradley-Terry on length-bucketed batches; AdamW with a linear decay, as
-    #    TRL's default schedule.
+    # 3. Bradley-Terry on batches of one problem's pairs; AdamW with a linear
+    #    decay, as TRL's default schedule.
     rng = random.Random(config.seed)
-    lengths = [
-        max(len(texts[c]), len(texts[r])) for c, r in zip(chosen_at, rejected_at, strict=True)
-    ]
-    steps_per_epoch = math.ceil(len(chosen) / config.batch_size)
+    steps_per_epoch = len(_problem_batches(problems, config.batch_size, random.Random(0)))
     total_steps = max(1, math.ceil(config.epochs * steps_per_epoch))
     optimizer = torch.optim.AdamW(parameters, lr=config.learning_rate, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 - step / total_steps)
     losses: list[float] = []
     while len(losses) < total_steps:
-        for batch in _bucketed_batches(lengths, config.batch_size, rng):
+        for batch in _problem_batches(problems, config.batch_size, rng):
             if len(losses) == total_steps:
                 break
             sides = [chosen_at[i] for i in batch] + [rejected_at[i] for i in batch]

@@ -128,19 +128,37 @@ def test_top_layers_train_the_top_alone(tiny_model_dir, tmp_path):
 @pytest.mark.parametrize("trainable_layers", [0, 1, 2])
 def test_frozen_prefix_scores_as_the_whole_model_does(tiny_model_dir, trainable_layers):
     """The cache is an optimisation only: the top run on cached activations gives
-    the scores (so the loss) of the whole model run on the tokens."""
+    the scores and the gradients of the whole model run on the tokens, for texts
+    that share a long prompt (run once) and texts that do not."""
     tokenizer, model = _load(str(tiny_model_dir))
-    texts = [
-        _encode(tokenizer, "def f(x):\n", code, 64)
-        for code in ["    return x\n", "    raise ValueError(x)  # longer than the others\n", "1"]
-    ]
-    with torch.no_grad():
-        whole = model(**_pad(texts, tokenizer.pad_token_id)).logits[:, 0]
-        prefix = FrozenPrefix(model, texts, trainable_layers, batch_size=2)
-        cached = prefix.scores([2, 0, 1])
+    prompt = 'def f(x):\n    """Return x plus one, or raise on a negative x."""\n' * 2
+    codes = ["    return x\n", "    raise ValueError(x)  # longer than the others\n", "1"]
+    texts = [_encode(tokenizer, prompt, code, 64) for code in codes]
+    texts.append(_encode(tokenizer, "def g(y):\n", "    return y\n", 64))
+    order = [2, 0, 3, 1]
+    model.requires_grad_(False)
+    top = model.base_model.layers[2 - trainable_layers :]
 
-    assert cached.tolist() == pytest.approx(whole[[2, 0, 1]].tolist(), abs=1e-5)
+    def loss_and_grads(scores):
+        loss = -torch.nn.functional.logsigmoid(scores[1] - scores[3])  # text 0 over text 1
+        loss.backward()
+        grads = [p.grad.clone() for p in model.score.parameters()]
+        grads += [p.grad.clone() for layer in top for p in layer.parameters()]
+        model.zero_grad()
+        return loss.item(), grads
+
+    prefix = FrozenPrefix(model, texts, trainable_layers, batch_size=2)
+    for parameter in [*model.score.parameters(), *top.parameters()]:
+        parameter.requires_grad_(True)
+    whole = model(**_pad([texts[i] for i in order], tokenizer.pad_token_id)).logits[:, 0]
+    cached = prefix.scores(order)
+
+    assert cached.tolist() == pytest.approx(whole.tolist(), abs=1e-5)
     assert len(prefix.top) == trainable_layers
+    (whole_loss, whole_grads), (cached_loss, cached_grads) = map(loss_and_grads, (whole, cached))
+    assert cached_loss == pytest.approx(whole_loss, abs=1e-5)
+    for expected, got in zip(whole_grads, cached_grads, strict=True):
+        assert torch.allclose(got, expected, atol=1e-5)
 
 
 def test_shared_prompt_runs_once_and_changes_nothing(tiny_model_dir):
