@@ -90,7 +90,8 @@ class RewardConfig:
     bf16: bool | None = field(
         default=None,
         metadata={
-            "help": "Compute in bfloat16 (autocast; weights stay float32). None: where the "
+            "help": "Compute in bfloat16 (autocast; weights stay float32); 'top' trains its "
+            "layers in float32 and uses bf16 for the frozen pass and scoring. None: where the "
             "hardware has it natively: a GPU with bf16, a CPU with AMX or AVX512-BF16."
         },
     )
@@ -616,7 +617,9 @@ class FrozenPrefix:
         texts = [self.texts[i] for i in indices]
         backbone, device = self.model.base_model, str(self.device)
         scores: list[torch.Tensor] = [torch.empty(0)] * len(indices)
-        with _running_only(backbone, self.top, final_norm=True), _bf16_autocast(device, self.bf16):
+        # Float32 even where the frozen pass ran in bf16: on a CPU, bf16 backward
+        # passes of varying shapes ran slower than float32 ones (bench/reward.py).
+        with _running_only(backbone, self.top, final_norm=True):
             for group in _shared_prefix_batches(texts, len(texts)):
                 at = [indices[k] for k in group]
                 hidden = _last_hidden_states(
@@ -624,7 +627,7 @@ class FrozenPrefix:
                     [texts[k] for k in group],
                     self.pad_id,
                     device,
-                    states=[self.states[i] for i in at],
+                    states=[self.states[i].float() for i in at],
                 )
                 rows = torch.arange(len(group), device=self.device)
                 pooled = hidden[rows, [self.pooled[i] for i in at]]
