@@ -18,8 +18,8 @@ random->oracle gap reranking closes, pairwise accuracy and ROC-AUC, each with a
 Options (`--options`, comma-separated): `default` is `RewardConfig()` with no
 flags (on a CPU: the cached top-layer path); `head` trains the head alone on
 frozen activations; `top4` four layers; `lora` and `full` are TRL's
-RewardTrainer; `lora-fp32` is LoRA as it ran before this bench (float32), the
-speed anchor. `--slow-pairs` caps the pairs of the TRL options, whose speed is
+RewardTrainer, at 256 tokens (see OPTIONS); `lora-fp32` is LoRA as it ran
+before this bench (float32, 256 tokens), the speed anchor. `--slow-pairs` caps the pairs of the TRL options, whose speed is
 per pair; their quality is then that of a model that saw fewer pairs (said in
 the table).
 
@@ -60,9 +60,12 @@ OPTIONS = {
     "default": {},
     "head": {"method": "top", "top_layers": 0},
     "top4": {"method": "top", "top_layers": 4},
-    "lora": {"method": "lora"},
-    "full": {"method": "full"},
-    "lora-fp32": {"method": "lora", "bf16": False},
+    # TRL runs every layer on every token with gradients: at 1024 tokens a batch
+    # of 8 pairs took 14 GB and was killed on this 23 GB machine. Candidates
+    # keep their end (the code), and 99% of these texts fit in 529 tokens.
+    "lora": {"method": "lora", "max_length": 256},
+    "full": {"method": "full", "max_length": 256},
+    "lora-fp32": {"method": "lora", "bf16": False, "max_length": 256},
 }
 TRL_METHODS = ("lora", "full")
 
