@@ -68,7 +68,9 @@ def train_reward(
     backbone: Annotated[
         str | None, typer.Option(help="Model spec; default: RR_REWARD_MODEL.")
     ] = None,
-    epochs: Annotated[int, typer.Option(min=1)] = 1,
+    epochs: Annotated[
+        float | None, typer.Option(min=0.01, help="Default: the training method's own.")
+    ] = None,
     seed: int = 0,
     metrics: Annotated[
         Path | None, typer.Option(help="Also write the training metrics to this JSON file.")

@@ -172,7 +172,7 @@ def reward_throughput(backbone: str, problems: list[dict], samples: list[list[Sa
 def make_pairs(problems: list[dict], samples: list[list[Sample]], passed: list[list[bool] | None]):
     """Chosen = the reference and passing samples, rejected = failing samples
     (every sample counts as failing when no verdicts are given)."""
-    from pipelines.reward_model import Pair
+    from pipelines.pairs import Pair
 
     pairs = []
     for problem, group, verdicts in zip(problems, samples, passed, strict=True):
@@ -276,7 +276,7 @@ def quality(generator: TransformersGenerator, args) -> dict:
         max_length=args.reward_max_length,
         eval_fraction=0.0,
         learning_rate=args.reward_lr,
-        lora=args.reward_lora,
+        method="lora" if args.reward_lora else "auto",
     )
     folder = Path(tempfile.mkdtemp(prefix="rr-bench-reward-"))
     train_s, metrics = timed(lambda: train_reward_model(pairs, config, folder))

@@ -83,7 +83,12 @@ class FlywheelParams:
         default="auto",
         metadata={"help": "auto (chat if the model has a template), chat or completion."},
     )
-    reward_epochs: int = field(default=1, metadata={"help": "Epochs of each reward training."})
+    reward_epochs: float | None = field(
+        default=None,
+        metadata={
+            "help": "Epochs of each reward training; None: the method's own (RewardConfig.epochs)."
+        },
+    )
     eval_problems: int = field(
         # Few by default: the bundled model samples slowly on 2 CPU cores. Every
         # evaluation reuses the baseline's problems, so all are paired.

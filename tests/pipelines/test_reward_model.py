@@ -13,8 +13,16 @@ from pipelines.loading import ModelNotFoundError
 from pipelines.pairs import Pair, build_pairs
 from pipelines.reward_model import (
     CONFIG_FILE,
+    DEFAULT_EPOCHS,
+    DEFAULT_LEARNING_RATE,
+    FrozenPrefix,
     RewardConfig,
     RewardScorer,
+    _encode,
+    _last_hidden_states,
+    _load,
+    _pad,
+    _shared_prefix_batches,
     reward_text,
     split_by_problem,
     train_reward_model,
@@ -44,6 +52,7 @@ def tiny_config(tiny_model_dir: Path, **overrides) -> RewardConfig:
         batch_size=8,
         max_length=64,
         eval_fraction=0.25,
+        bf16=False,  # exact float32 sums, so padding and caching compare to 1e-4
     )
     return RewardConfig(**{**settings, **overrides})
 
@@ -64,7 +73,10 @@ def trained_model(tiny_model_dir: Path, tmp_path_factory) -> tuple[Path, dict, l
     output = tmp_path_factory.mktemp("reward") / "model"
     fractions: list[float] = []
     metrics = train_reward_model(
-        separable_pairs(), tiny_config(tiny_model_dir), output, progress=fractions.append
+        separable_pairs(),
+        tiny_config(tiny_model_dir, method="full"),
+        output,
+        progress=fractions.append,
     )
     return output, metrics, fractions
 
@@ -84,7 +96,7 @@ def test_full_fine_tuning_learns_separable_pairs(trained_model, tiny_model_dir):
 
 def test_lora_trains_and_saves_a_plain_classifier(tiny_model_dir, tmp_path):
     output = tmp_path / "lora"
-    config = tiny_config(tiny_model_dir, lora=True, lora_r=8)
+    config = tiny_config(tiny_model_dir, method="lora", lora_r=8)
 
     metrics = train_reward_model(separable_pairs(), config, output)
 
@@ -93,6 +105,102 @@ def test_lora_trains_and_saves_a_plain_classifier(tiny_model_dir, tmp_path):
     changed = changed_backbone_tensors(tiny_model_dir, output)
     assert changed and all("proj" in name for name in changed)  # only LoRA targets moved
     assert len(RewardScorer(output).score(["p"], ["return 1"])) == 1
+
+
+def test_top_layers_train_the_top_alone(tiny_model_dir, tmp_path):
+    output = tmp_path / "top"
+    fractions: list[float] = []
+    config = tiny_config(tiny_model_dir, method="top", top_layers=1, epochs=3)
+
+    metrics = train_reward_model(separable_pairs(), config, output, progress=fractions.append)
+
+    assert metrics["pairwise_accuracy"] >= 0.9 and metrics["train_loss"] < math.log(2)
+    changed = changed_backbone_tensors(tiny_model_dir, output)
+    # The top decoder layer and the final norm move; the bottom layer and embeddings do not.
+    assert any(name.startswith("layers.1.") for name in changed)
+    assert not [name for name in changed if not name.startswith(("layers.1.", "norm."))]
+    assert fractions[-1] == pytest.approx(1.0) and len(fractions) == 12  # 3 epochs x 4 steps
+    saved = json.loads((output / CONFIG_FILE).read_text())["config"]
+    assert (saved["method"], saved["top_layers"], saved["epochs"]) == ("top", 1, 3)
+
+
+@pytest.mark.parametrize("trainable_layers", [0, 1, 2])
+def test_frozen_prefix_scores_as_the_whole_model_does(tiny_model_dir, trainable_layers):
+    """The cache is an optimisation only: the top run on cached activations gives
+    the scores and the gradients of the whole model run on the tokens, for texts
+    that share a long prompt (run once) and texts that do not."""
+    tokenizer, model = _load(str(tiny_model_dir))
+    prompt = 'def f(x):\n    """Return x plus one, or raise on a negative x."""\n' * 2
+    codes = ["    return x\n", "    raise ValueError(x)  # longer than the others\n", "1"]
+    texts = [_encode(tokenizer, prompt, code, 64) for code in codes]
+    texts.append(_encode(tokenizer, "def g(y):\n", "    return y\n", 64))
+    order = [2, 0, 3, 1]
+    model.requires_grad_(False)
+    top = model.base_model.layers[2 - trainable_layers :]
+
+    def loss_and_grads(scores):
+        loss = -torch.nn.functional.logsigmoid(scores[1] - scores[3])  # text 0 over text 1
+        loss.backward()
+        grads = [p.grad.clone() for p in model.score.parameters()]
+        grads += [p.grad.clone() for layer in top for p in layer.parameters()]
+        model.zero_grad()
+        return loss.item(), grads
+
+    prefix = FrozenPrefix(model, texts, trainable_layers, batch_size=2)
+    for parameter in [*model.score.parameters(), *top.parameters()]:
+        parameter.requires_grad_(True)
+    whole = model(**_pad([texts[i] for i in order], tokenizer.pad_token_id)).logits[:, 0]
+    cached = prefix.scores(order)
+
+    assert cached.tolist() == pytest.approx(whole.tolist(), abs=1e-5)
+    assert len(prefix.top) == trainable_layers
+    (whole_loss, whole_grads), (cached_loss, cached_grads) = map(loss_and_grads, (whole, cached))
+    assert cached_loss == pytest.approx(whole_loss, abs=1e-5)
+    for expected, got in zip(whole_grads, cached_grads, strict=True):
+        assert torch.allclose(got, expected, atol=1e-5)
+
+
+def test_shared_prompt_runs_once_and_changes_nothing(tiny_model_dir):
+    """Candidates of one problem share the prompt's tokens: batched together, the
+    prefix runs once and the rest attends to its cached keys, with the same result."""
+    tokenizer, model = _load(str(tiny_model_dir))
+    prompt = 'def f(x):\n    """Return x plus one, or raise on a negative x."""\n' * 2
+    first = [_encode(tokenizer, prompt, prompt + f"    return x + {k}\n", 64) for k in range(3)]
+    other = _encode(tokenizer, "def g(y):\n", "def g(y):\n    return y\n", 64)
+    texts = [first[0], other, first[1], first[2]]
+
+    batches = _shared_prefix_batches(texts, batch_size=8)
+    assert sorted(map(sorted, batches)) == [[0, 2, 3], [1]]
+    with torch.no_grad():
+        shared = _last_hidden_states(model.base_model, first, tokenizer.pad_token_id, "cpu")
+        plain = model.base_model(**_pad(first, tokenizer.pad_token_id)).last_hidden_state
+    for row, ids in enumerate(first):
+        assert torch.allclose(shared[row, : len(ids)], plain[row, : len(ids)], atol=1e-5)
+
+
+def test_top_layers_beyond_the_backbone_are_refused(tiny_model_dir, tmp_path):
+    config = tiny_config(tiny_model_dir, method="top", top_layers=3)
+    with pytest.raises(ValueError, match="top_layers is 3 but the backbone has 2"):
+        train_reward_model(separable_pairs(4), config, tmp_path / "out")
+
+
+def test_config_defaults_depend_on_the_method_and_the_machine():
+    resolved = RewardConfig().resolved()
+    assert resolved.method == ("full" if torch.cuda.is_available() else "top")
+    assert resolved.epochs == DEFAULT_EPOCHS[resolved.method]
+    assert resolved.learning_rate == DEFAULT_LEARNING_RATE[resolved.method]
+    assert isinstance(resolved.bf16, bool)
+    explicit = RewardConfig(method="lora", epochs=2, learning_rate=1e-3, bf16=False).resolved()
+    assert (explicit.method, explicit.epochs, explicit.learning_rate, explicit.bf16) == (
+        "lora",
+        2,
+        1e-3,
+        False,
+    )
+    with pytest.raises(ValueError, match="unknown reward training method 'adapter'"):
+        RewardConfig(method="adapter")
+    with pytest.raises(ValueError, match="top_layers must be at least 0"):
+        RewardConfig(top_layers=-1)
 
 
 def test_split_is_by_problem():
