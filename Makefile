@@ -27,8 +27,12 @@ $(STAMP): pyproject.toml
 node_modules/.package-lock.json: package.json package-lock.json
 	npm ci --no-audit --no-fund
 
+# The real loop with the bundled model (warm start, baseline evaluation, two
+# iterations each with its evaluation), sized for a 2-core CPU: 2 training
+# problems x 4 candidates, 4 held-out problems x 4 samples, at most 96 tokens.
 demo: setup
-	$(BIN)/rewardranker flywheel run
+	RR_EVAL_SAMPLES=4 $(BIN)/rewardranker flywheel run --problems 2 --candidates 4 \
+		--eval-problems 4 --max-new-tokens 96
 
 test: setup
 	$(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)

@@ -13,6 +13,7 @@ bench/data/, so the reward-model half can be redone on a CPU from them.
     .venv/bin/python bench/quality.py --preset cpu     # what fits on 2 CPU cores
     .venv/bin/python bench/quality.py --preset gpu     # 164 x 16 on one GPU
     .venv/bin/python bench/quality.py --quick          # a smoke run, minutes
+    .venv/bin/python bench/quality.py --collect var    # a finished run's table and samples
 
 Sizes can be overridden one by one (--problems, --candidates, ...). The last line
 is `RESULT evaluations=N held_out_problems=N base_pass1=X final_reranked_pass1=X
@@ -38,7 +39,8 @@ sys.path.insert(0, str(ROOT))
 PRESETS = {
     "gpu": dict(problems=82, candidates=16, eval_problems=0, eval_samples=16, iterations=2,
                 max_new_tokens=256, policy_steps=4),
-    "cpu": dict(problems=8, candidates=4, eval_problems=16, eval_samples=4, iterations=2,
+    # what `make demo` runs
+    "cpu": dict(problems=2, candidates=4, eval_problems=4, eval_samples=4, iterations=2,
                 max_new_tokens=96, policy_steps=1),
     "quick": dict(problems=2, candidates=2, eval_problems=2, eval_samples=2, iterations=1,
                   max_new_tokens=32, policy_steps=0),
@@ -53,10 +55,19 @@ def main() -> None:
         parser.add_argument(f"--{name.replace('_', '-')}", type=int, help="overrides the preset")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--data-dir", type=Path, help="default: a fresh temporary folder")
+    parser.add_argument(
+        "--collect",
+        type=Path,
+        metavar="DATA_DIR",
+        help="run nothing: read the table and samples of a finished run's data folder",
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "data")
     args = parser.parse_args()
     sizes = dict(PRESETS["quick" if args.quick else args.preset])
     sizes.update({k: v for k in sizes if (v := getattr(args, k)) is not None})
+    if args.collect:
+        finish(args.collect, args.out, {"collected_from": str(args.collect)}, wall=None)
+        return
     data_dir = args.data_dir or Path(tempfile.mkdtemp(prefix="rr-quality-"))
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("RR_")}
@@ -73,15 +84,18 @@ def main() -> None:
     print(f"sizes {sizes}; data in {data_dir}", flush=True)
     started = time.monotonic()
     subprocess.run(command, env=env, check=True)
-    wall = time.monotonic() - started
+    finish(data_dir, args.out, sizes, wall=time.monotonic() - started)
 
+
+def finish(data_dir: Path, out: Path, sizes: dict, *, wall: float | None) -> None:
+    """Read the run's store (embedded SQLite), save its judged programs, report."""
     os.environ.update({"RR_DATA_DIR": str(data_dir), "RR_DATABASE_URL": ""})
     from models.db import session_scope
 
     with session_scope() as session:
         table, samples = collect(session)
-    out = save_samples(args.out, sizes, samples)
-    print(f"saved {len(samples)} judged programs to {out}")
+    path = save_samples(out, sizes, samples)
+    print(f"saved {len(samples)} judged programs to {path}")
     report(table, wall)
 
 
@@ -134,7 +148,8 @@ def collect(session) -> tuple[dict, list[dict]]:
 def save_samples(folder: Path, sizes: dict, samples: list[dict]) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M")
-    path = folder / f"quality-{stamp}-p{sizes['problems']}x{sizes['candidates']}.jsonl.gz"
+    scale = f"p{sizes['problems']}x{sizes['candidates']}" if "problems" in sizes else "collected"
+    path = folder / f"quality-{stamp}-{scale}.jsonl.gz"
     with gzip.open(path, "wt", encoding="utf-8") as handle:
         handle.write(json.dumps({"sizes": sizes}) + "\n")
         for sample in samples:
@@ -142,12 +157,13 @@ def save_samples(folder: Path, sizes: dict, samples: list[dict]) -> Path:
     return path
 
 
-def report(table: dict, wall: float) -> None:
+def report(table: dict, wall: float | None) -> None:
     from app.flywheel_cli import print_held_out
 
     print_held_out(table)
+    wall_s = "n/a" if wall is None else f"{wall:.0f}"
     if not table["rows"]:
-        print(f"RESULT evaluations=0 wall_s={wall:.0f}")
+        print(f"RESULT evaluations=0 wall_s={wall_s}")
         return
     first = next(r for r in table["rows"] if r["row"] == "generator")["cells"]["all"]
     last = [r for r in table["rows"] if r["row"] == "reranked"][-1]["cells"]["all"]
@@ -156,7 +172,7 @@ def report(table: dict, wall: float) -> None:
     print(
         f"RESULT evaluations={len(table['evaluations'])} held_out_problems={problems} "
         f"base_pass1={first['value']:.3f} final_reranked_pass1={last['value']:.3f} "
-        f"change={change} wall_s={wall:.0f}"
+        f"change={change} wall_s={wall_s}"
     )
 
 
