@@ -31,18 +31,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import torch  # noqa: E402
 
 from bench.reward import (  # noqa: E402
     OPTIONS,
-    TINY_DIR,
+    backbone_for,
     fmt,
     load,
     mutation_candidates,
     rerank,
     train_pairs,
 )
-from pipelines.loading import save_tiny_llama  # noqa: E402
 from pipelines.mining import (  # noqa: E402
     RULE_ABOVE_LOWEST_PASSING,
     RULE_RANDOM,
@@ -150,13 +148,7 @@ def main() -> None:
     parser.add_argument("--data", type=Path, help="reuse (or write) the first round's candidates")
     parser.add_argument("--threads", type=int, default=0)
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    backbone = args.model
-    if args.quick:
-        if not (TINY_DIR / "config.json").exists():
-            save_tiny_llama(TINY_DIR)
-        backbone, args.problems = str(TINY_DIR), min(args.problems, 24)
+    backbone = backbone_for(args)
     config = RewardConfig(backbone=backbone, eval_fraction=0.0, **OPTIONS[args.option])
 
     if args.data and args.data.exists():

@@ -178,6 +178,18 @@ def fmt(estimate: dict | None) -> str:
     return f"{estimate['value']:.3f} [{estimate['low']:.3f}, {estimate['high']:.3f}]"
 
 
+def backbone_for(args) -> str:
+    """Apply --threads; with --quick, the tiny test model on at most 24 problems."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if not args.quick:
+        return args.model
+    if not (TINY_DIR / "config.json").exists():
+        save_tiny_llama(TINY_DIR)
+    args.problems = min(args.problems, 24)
+    return str(TINY_DIR)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny test model, 24 problems")
@@ -191,13 +203,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     parser.add_argument("--data", type=Path, help="reuse (or write) the judged candidates")
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    backbone = args.model
+    backbone = backbone_for(args)
     if args.quick:
-        if not (TINY_DIR / "config.json").exists():
-            save_tiny_llama(TINY_DIR)
-        backbone, args.problems = str(TINY_DIR), min(args.problems, 24)
         args.slow_pairs = args.slow_pairs or 40
     unknown = set(args.options.split(",")) - set(OPTIONS)
     if unknown:
