@@ -84,6 +84,9 @@ def test_dashboard_filters_candidates_in_chromium(served):
             assert rows.count() == 4
             verdicts = page.locator("#candidates tbody td.verdict").all_inner_texts()
             assert verdicts == ["WRONG_ANSWER"] * 4
+            # the one that forged its success signal is flagged
+            tampered = page.locator("#candidates tbody td.tampered").all_inner_texts()
+            assert tampered == ["", "", "", "yes"]  # the lowest score, the first failing id
             ids = [
                 int(text)
                 for text in page.locator("#candidates tbody td:first-child").all_inner_texts()
