@@ -43,7 +43,16 @@ def test_an_interrupted_run_resumes_with_nothing_lost_or_done_twice(tmp_path: Pa
         except Exception:  # the database is not created yet
             return 0
 
-    first = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first = subprocess.Popen(
+        command,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        # A suite started in the background by a non-interactive shell inherits an
+        # ignored SIGINT, and Python then never raises KeyboardInterrupt: give the
+        # run the Ctrl-C a user's terminal would.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     try:
         deadline = time.monotonic() + 240
         while executed() == 0 and first.poll() is None and time.monotonic() < deadline:
