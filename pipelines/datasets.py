@@ -333,7 +333,9 @@ def _pair_rows(session: Session, in_scope: Select, number: int) -> Iterator[dict
     )
     for problem_id, group in groupby(executed, key=lambda row: row.problem_id):
         problem = problems[problem_id]
-        rows = [Executed(row.id, row.content_hash, row.code, row.verdict) for row in group]
+        rows = [
+            Executed(row.id, row.content_hash, row.code, row.verdict, row.tampered) for row in group
+        ]
         for (chosen_id, chosen_code), (rejected_id, rejected_code) in problem_pairs(
             problem.reference_solution, rows, hard_negatives
         ):

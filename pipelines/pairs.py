@@ -4,8 +4,9 @@ versioned dataset exports the same rule's pairs (`datasets`), so a tagged datase
 holds what the reward model trained on.
 
 Chosen = the reference solution, then passing candidates with other text; rejected
-= failing candidates, hard negatives first; a SANDBOX_ERROR says nothing about the
-program, so it is never used. Pairs are dealt round-robin up to a cap per problem.
+= failing candidates, hard negatives and runs the sandbox caught tampering first; a
+SANDBOX_ERROR says nothing about the program, so it is never used. Pairs are dealt
+round-robin up to a cap per problem.
 """
 
 from collections import defaultdict
@@ -43,6 +44,9 @@ class Executed:
     content_hash: str
     code: str
     verdict: Verdict
+    # The sandbox caught it forging OK or disarming its tests: the failure a policy
+    # most wants the reward model to miss, so it is paired first, as a hard negative.
+    tampered: bool = False
 
 
 def problem_pairs(
@@ -57,12 +61,15 @@ def problem_pairs(
     if reference:
         chosen[content_hash(reference)] = (None, reference)
     rejected: list[Program] = []
+    first = set(hard_negatives)
     for row in executed:
         if row.verdict == Verdict.OK:
             chosen.setdefault(row.content_hash, (row.candidate_id, row.code))
         elif row.verdict != Verdict.SANDBOX_ERROR:
             rejected.append((row.candidate_id, row.code))
-    rejected.sort(key=lambda item: (item[0] not in hard_negatives, item[0]))
+            if row.tampered:
+                first.add(row.candidate_id)
+    rejected.sort(key=lambda item: (item[0] not in first, item[0]))
     return _round_robin(list(chosen.values()), rejected, limit)
 
 
@@ -79,8 +86,8 @@ def _round_robin(chosen: list, rejected: list, limit: int) -> list[tuple]:
 
 
 def executed_candidates() -> Select:
-    """(problem id, candidate id, content hash, code, verdict) of every candidate with
-    a verdict on its program: what the pairing rule reads. Held-out problems and
+    """(problem id, candidate id, content hash, code, verdict, tampered) of every
+    candidate with a verdict on its program: what the pairing rule reads. Held-out problems and
     evaluation samples are never in it: nothing trains on them."""
     return (
         select(
@@ -89,6 +96,7 @@ def executed_candidates() -> Select:
             Candidate.content_hash,
             Candidate.code,
             Execution.verdict,
+            Execution.tampered,
         )
         .join(Execution, Execution.candidate_id == Candidate.id)
         .join(Problem, Problem.id == Candidate.problem_id)
@@ -118,8 +126,10 @@ def build_pairs(
         candidates = candidates.where(Candidate.problem_id.in_(problem_ids))
     executed: dict[int, list[Executed]] = defaultdict(list)
     hard_negatives = set()
-    for problem_id, candidate_id, code_hash, code, verdict, hard in session.execute(candidates):
-        executed[problem_id].append(Executed(candidate_id, code_hash, code, verdict))
+    for problem_id, candidate_id, code_hash, code, verdict, tampered, hard in session.execute(
+        candidates
+    ):
+        executed[problem_id].append(Executed(candidate_id, code_hash, code, verdict, tampered))
         if hard:
             hard_negatives.add(candidate_id)
     references = {row.id: row for row in session.execute(problems)}

@@ -42,3 +42,14 @@ def test_no_pairs_without_both_sides():
     assert problem_pairs(None, passing, hard_negatives=set()) == []
     assert problem_pairs(None, failing, hard_negatives=set()) == []
     assert len(problem_pairs("ok = 2", failing, hard_negatives=set())) == 1
+
+
+def test_runs_caught_tampering_are_paired_first_like_hard_negatives():
+    rows = [
+        executed(1, "wrong = 1", Verdict.WRONG_ANSWER),
+        executed(2, "right = 1", Verdict.OK),
+        Executed(3, content_hash("forged = 1"), "forged = 1", Verdict.WRONG_ANSWER, tampered=True),
+        executed(4, "hard = 1", Verdict.WRONG_ANSWER),
+    ]
+    pairs = problem_pairs(None, rows, hard_negatives={4}, limit=2)
+    assert [rejected[0] for _, rejected in pairs] == [3, 4]  # both before the plain failure

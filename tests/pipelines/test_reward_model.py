@@ -410,3 +410,19 @@ def test_bundled_gguf_backbone_trains_and_scores(tmp_path):
     assert math.isfinite(metrics["train_loss"])
     scores = RewardScorer(tmp_path / "rm").score(["def f(x):\n"] * 2, ["return x", "raise"])
     assert len(scores) == 2 and all(math.isfinite(s) for s in scores)
+
+
+def test_build_pairs_puts_runs_caught_tampering_first(session):
+    problem = make_problem(session)
+    make_candidate(session, problem=problem, verdict=Verdict.WRONG_ANSWER, code="def add(a, b): 0")
+    make_candidate(
+        session,
+        problem=problem,
+        verdict=Verdict.WRONG_ANSWER,
+        code="def add(a, b): print(TOKEN)",
+        tamper_reason="success token printed before the tests ran",
+    )
+    session.flush()
+    # Stored second, the forged run still takes the one pair: it is the hardest negative.
+    [pair] = build_pairs(session, max_pairs_per_problem=1)
+    assert pair.rejected == "def add(a, b): print(TOKEN)"
