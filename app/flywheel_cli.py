@@ -24,7 +24,7 @@ from sqlalchemy.orm import Session
 
 from app import migrate
 from app.console import console, err_console
-from app.queries import held_out_table
+from app.queries import held_out_table, interval_text
 from models import (
     Evaluation,
     Iteration,
@@ -301,16 +301,10 @@ def print_held_out(table: dict[str, Any]) -> None:
         label = TABLE_ROWS[row["row"]]
         if row["row"] == "reranked":
             label += f" (N={samples.get(number)})"
-        cells = [_interval(row["cells"][column]) for column in table["columns"]]
+        cells = [interval_text(row["cells"][column]) for column in table["columns"]]
         shown.add_row("base" if number == 0 else f"after iter {number}", label, *cells)
     console.print(shown)
     console.print(table["verdict"])
-
-
-def _interval(figure: dict[str, float] | None) -> str:
-    if figure is None:
-        return "-"
-    return f"{figure['value']:.3f} [{figure['low']:.3f}, {figure['high']:.3f}]"
 
 
 def _abbrev(verdict: str) -> str:

@@ -541,6 +541,13 @@ def iteration_summaries(session: Session) -> list[dict[str, Any]]:
     ]
 
 
+def interval_text(figure: dict[str, float] | None) -> str:
+    """A table cell: `0.123 [0.080, 0.170]`, or `-` where a figure is undefined."""
+    if figure is None:
+        return "-"
+    return f"{figure['value']:.3f} [{figure['low']:.3f}, {figure['high']:.3f}]"
+
+
 def held_out_table(session: Session) -> dict[str, Any]:
     """The paper's table over the finished evaluations on held-out problems, with
     what each one measured: `paper_table`'s columns, rows and verdict, plus

@@ -201,11 +201,7 @@ def _held_out_lines(table: dict[str, Any]) -> list[str]:
         "| --- | --- | " + " | ".join("---" for _ in table["columns"]) + " |",
     ]
     for row in table["rows"]:
-        cells = [
-            "-" if (c := row["cells"][column]) is None
-            else f"{c['value']:.3f} [{c['low']:.3f}, {c['high']:.3f}]"
-            for column in table["columns"]
-        ]  # fmt: skip
+        cells = [queries.interval_text(row["cells"][column]) for column in table["columns"]]
         name = "base" if row["evaluation"] == 0 else f"after iteration {row['evaluation']}"
         lines.append(f"| {name} | {row['row']} | " + " | ".join(cells) + " |")
     return [*lines, "", table["verdict"]]

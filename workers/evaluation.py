@@ -23,7 +23,6 @@ from sqlalchemy import ColumnElement, Select, and_, select
 from sqlalchemy.orm import Session
 
 from models import (
-    Candidate,
     Evaluation,
     EvaluationSample,
     Execution,
@@ -125,14 +124,16 @@ def batches(evaluation: Evaluation, problem_ids: list[int]) -> list[list[int]]:
     return [problem_ids[i : i + size] for i in range(0, len(problem_ids), size)]
 
 
-def drawn(evaluation_id: int, problem_id: int | None = None) -> Select:
-    """Ids of the distinct programs the evaluation drew (for one problem)."""
-    query = select(EvaluationSample.candidate_id).where(
-        EvaluationSample.evaluation_id == evaluation_id
+def drawn(evaluation_id: int, problem_id: int) -> Select:
+    """Ids of the distinct programs the evaluation drew for one problem."""
+    return (
+        select(EvaluationSample.candidate_id)
+        .where(
+            EvaluationSample.evaluation_id == evaluation_id,
+            EvaluationSample.problem_id == problem_id,
+        )
+        .distinct()
     )
-    if problem_id is not None:
-        query = query.where(EvaluationSample.problem_id == problem_id)
-    return query.distinct()
 
 
 def finish_evaluation(session: Session, evaluation_id: int) -> bool:
@@ -209,15 +210,3 @@ def missing_work(session: Session, evaluation: Evaluation) -> dict[str, list[int
         "execute": sorted(unexecuted),
         "score": sorted(unscored - unexecuted),
     }
-
-
-def unexecuted_drawn(session: Session, evaluation_id: int, problem_id: int) -> list[Candidate]:
-    """The problem's drawn programs with no verdict yet, in id order."""
-    return list(
-        session.scalars(
-            select(Candidate)
-            .outerjoin(Execution, Execution.candidate_id == Candidate.id)
-            .where(Candidate.id.in_(drawn(evaluation_id, problem_id)), Execution.id.is_(None))
-            .order_by(Candidate.id)
-        )
-    )

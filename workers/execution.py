@@ -14,7 +14,7 @@ from models.repository import insert_executions
 # Imported here, once, in the worker's parent process before it forks its pool.
 from pipelines.sandbox import Job, run_batch
 from workers.celery_app import RETRY, celery
-from workers.evaluation import unexecuted_drawn
+from workers.evaluation import drawn
 from workers.iteration import after_drawn_execution, after_execution
 from workers.names import EXECUTE_DRAWN, EXECUTE_PROBLEM, NOOP
 
@@ -91,7 +91,12 @@ def run_with_retries(codes: list[str], problem: Problem) -> list[tuple[Any, int]
 def execute_drawn_programs(session: Session, evaluation_id: int, problem_id: int) -> int:
     """Judge the problem's programs an evaluation drew that have no verdict yet (a
     program drawn twice is run once); returns executions written."""
-    candidates = unexecuted_drawn(session, evaluation_id, problem_id)
+    candidates = session.scalars(
+        select(Candidate)
+        .outerjoin(Execution, Execution.candidate_id == Candidate.id)
+        .where(Candidate.id.in_(drawn(evaluation_id, problem_id)), Execution.id.is_(None))
+        .order_by(Candidate.id)
+    ).all()
     if not candidates:
         return 0
     results = run_with_retries([c.code for c in candidates], session.get(Problem, problem_id))
