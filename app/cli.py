@@ -10,7 +10,7 @@ from sqlalchemy import func, select
 from app import migrate
 from app.console import console, err_console
 from app.dataset_cli import dataset_app
-from app.flywheel_cli import evaluate, flywheel_app, status, train_app, worker
+from app.flywheel_cli import beat, evaluate, flywheel_app, status, train_app, worker
 from app.problem_import import (
     SplitLeak,
     humaneval_rows,
@@ -41,6 +41,7 @@ app.add_typer(train_app, name="train")
 app.command("status")(status)
 app.command("evaluate")(evaluate)
 app.command("worker")(worker)
+app.command("beat")(beat)
 app.add_typer(candidates_app, name="candidates")
 app.command("iterations")(iterations)
 app.command("models")(models)

@@ -44,13 +44,6 @@ flywheel_app = typer.Typer(help="The flywheel's main job.", no_args_is_help=True
 train_app = typer.Typer(help="Enqueue a training onto the `training` queue.", no_args_is_help=True)
 
 
-STALL_S = 300.0
-"""Seconds without any progress after which the driver reconciles (re-enqueues lost
-work). Longer than one slow task here (a bundled-model batch takes ~2 min on 2 busy
-cores): reconciling while a task is merely slow re-sends its follow-ups, which is
-harmless but wasted work."""
-STALE_RUN = timedelta(minutes=10)
-"""A running training whose heartbeat is older than this lost its worker."""
 QUEUE_GROUPS = tuple((queue,) for queue in QUEUES)
 """One worker process per queue."""
 
@@ -66,8 +59,15 @@ def worker(
     pool: Annotated[str, typer.Option(help="prefork, solo or threads.")] = "prefork",
     loglevel: Annotated[str, typer.Option(help="Celery log level.")] = "INFO",
 ) -> None:
-    """Run a Celery worker on QUEUES (what the compose file and the main job start)."""
+    """Run a Celery worker on QUEUES (what the compose file and the main job start).
+    A worker that does not train also takes the scheduled reconcile (`rewardranker
+    beat`); a training worker would hold one unrun for as long as it trains."""
     from workers.celery_app import celery
+    from workers.names import MAINTENANCE, TRAINING
+
+    consumed = queues.split(",")
+    if TRAINING not in consumed:
+        consumed.append(MAINTENANCE)
 
     # The store, not worker gossip, holds the state: no gossip or mingle. On a
     # real broker the workers send heartbeats and task events, which Flower and
@@ -77,7 +77,7 @@ def worker(
     celery.worker_main(
         [
             "worker",
-            "--queues", queues,
+            "--queues", ",".join(consumed),
             "--concurrency", str(concurrency),
             "--pool", pool,
             "--loglevel", loglevel,
@@ -85,6 +85,19 @@ def worker(
             "--without-gossip", "--without-mingle", *events,
         ]
     )  # fmt: skip
+
+
+def beat(
+    loglevel: Annotated[str, typer.Option(help="Celery log level.")] = "INFO",
+) -> None:
+    """Send the scheduled reconcile every RR_RECONCILE_INTERVAL (Celery beat): lost
+    trainings are reclaimed and stalled stages re-sent even while no driver runs.
+    Run one per deployment; a second one only sends redundant, harmless copies."""
+    from workers.celery_app import celery
+
+    schedule = get_settings().data_dir / "celerybeat-schedule"
+    schedule.parent.mkdir(parents=True, exist_ok=True)
+    celery.start(["beat", "--loglevel", loglevel, "--schedule", str(schedule)])
 
 
 # --- train ------------------------------------------------------------------------------
@@ -450,22 +463,21 @@ def wait_for_iteration(
     iteration_id: int,
     *,
     show: bool = True,
-    stall_s: float = STALL_S,
     reconcile_first: bool = False,
     own_since: datetime | None = None,
     timeout_s: float | None = None,
 ) -> None:
     """Follow the iteration with one progress bar per stage until it is done,
-    reconciling whenever nothing moved for `stall_s`. A database that is briefly
-    unreachable (a restart) is waited out, not fatal."""
+    reconciling every RR_RECONCILE_INTERVAL (as `rewardranker beat` does: both may
+    run). A database that is briefly unreachable (a restart) is waited out, not fatal."""
     if reconcile_first:
         # When only workers started at `own_since` exist, a training with no
-        # heartbeat since then lost its worker: no need to wait out STALE_RUN.
-        stale = utcnow() - own_since if own_since else STALE_RUN
+        # heartbeat since then lost its worker, and nothing queued is in flight.
+        stale = utcnow() - own_since if own_since else None
         with session_scope() as session:
-            reconcile(session, stale_after=stale)
-    started = last_change = time.monotonic()
-    last_state = None
+            reconcile(session, stale_after=stale, stall_after=timedelta(0))
+    interval_s = get_settings().reconcile_interval.total_seconds()
+    started = last_reconcile = time.monotonic()
     with Progress(
         TextColumn("{task.description:<28}"), BarColumn(), MofNCompleteColumn(),
         TimeElapsedColumn(), console=console, disable=not show,
@@ -475,26 +487,23 @@ def wait_for_iteration(
             if timeout_s is not None and time.monotonic() - started > timeout_s:
                 raise TimeoutError(f"iteration {iteration_id} not done after {timeout_s:.0f}s")
             try:
-                state = _poll(bars, stages, iteration_id)
-                if state[0] == IterationStatus.DONE:
+                if _poll(bars, stages, iteration_id) == IterationStatus.DONE:
                     return
                 with session_scope() as session:
                     blocked = blocked_reason(session, iteration_id)
                 if blocked:
                     raise IterationBlocked(f"iteration {iteration_id} is stuck: {blocked}")
-                if state != last_state:
-                    last_change, last_state = time.monotonic(), state
-                elif time.monotonic() - last_change > stall_s:
+                if time.monotonic() - last_reconcile > interval_s:
                     with session_scope() as session:
-                        reconcile(session, stale_after=STALE_RUN)
-                    last_change = time.monotonic()
+                        reconcile(session)
+                    last_reconcile = time.monotonic()
             except sqlalchemy.exc.OperationalError as error:
                 err_console.print(f"store unreachable, retrying: {error.orig}")
             time.sleep(1.0)
 
 
-def _poll(bars: Progress, stages: dict[str, TaskID], iteration_id: int) -> tuple:
-    """Read the iteration's progress, show it, and return it as a comparable state."""
+def _poll(bars: Progress, stages: dict[str, TaskID], iteration_id: int) -> IterationStatus:
+    """Read the iteration's progress, show it, and return its state."""
     with session_scope() as session:
         iteration = session.get(Iteration, iteration_id)
         progress = problem_progress(session, iteration)
@@ -504,11 +513,7 @@ def _poll(bars: Progress, stages: dict[str, TaskID], iteration_id: int) -> tuple
             .order_by(TrainingRun.id.desc())
         ).first()
         _update_bars(bars, stages, iteration, progress, run)
-        return (
-            iteration.status,
-            tuple(progress.values()),
-            run and (run.id, run.status, run.progress),
-        )
+        return iteration.status
 
 
 def _update_bars(bars: Progress, stages: dict[str, TaskID], iteration, progress, run) -> None:
@@ -533,7 +538,10 @@ def _update_bars(bars: Progress, stages: dict[str, TaskID], iteration, progress,
     )
     if run is not None:
         label = "warm-start reward" if run.params.get("warm_start") else run.kind.value
-        bars.update(stages["training"], description=f"iter {number} {label} ({run.status.value})",
+        state = run.status.value
+        if run.resumed_from_step is not None:
+            state += f", attempt {run.attempt} resumed at step {run.resumed_from_step}"
+        bars.update(stages["training"], description=f"iter {number} {label} ({state})",
                     completed=round(run.progress * 100), total=100)  # fmt: skip
 
 

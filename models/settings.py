@@ -61,6 +61,33 @@ class Settings(BaseSettings):
     task_time_limit: timedelta = Field(
         timedelta(minutes=30), description="Hard limit for one short (non-training) task."
     )
+    run_stale_after: timedelta = Field(
+        timedelta(seconds=90),
+        description="A running training whose heartbeat (beaten every 30 s) is older than "
+        "this lost its worker, and is reclaimed: queued again, to resume from its checkpoint.",
+    )
+    run_max_attempts: int = Field(
+        10, ge=1, description="Workers a training may lose before its run is failed instead."
+    )
+    reconcile_interval: timedelta = Field(
+        timedelta(seconds=30),
+        description="How often `rewardranker beat` (or the driver) reconciles: reclaims "
+        "lost trainings and re-sends the work of stalled stages.",
+    )
+    stall_after: timedelta = Field(
+        timedelta(seconds=60),
+        description="A stage with work left and no new row for this long has lost its "
+        "messages (a killed worker, an emptied broker): reconcile sends them again.",
+    )
+    checkpoint_interval: timedelta = Field(
+        timedelta(seconds=60),
+        description="Trainings save a resumable checkpoint at most this often.",
+    )
+    store_retry_for: timedelta = Field(
+        timedelta(minutes=5),
+        description="How long a write that follows long work (a trained model, a batch of "
+        "samples) retries a lost database connection before giving up.",
+    )
 
     @field_validator("database_url")
     @classmethod

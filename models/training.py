@@ -83,6 +83,14 @@ class TrainingRun(CreatedAt, Base):
     progress: Mapped[float] = mapped_column(Float, default=0.0)
     error: Mapped[str | None] = mapped_column(Text)
     result_model_version_id: Mapped[int | None] = mapped_column(ForeignKey("model_versions.id"))
+    # Who trains it now: the host and pid of the process that claimed it, so that a
+    # worker starting on that host can tell at once that the owner died.
+    owner_host: Mapped[str | None] = mapped_column(String(255))
+    owner_pid: Mapped[int | None] = mapped_column(Integer)
+    # Claims so far. A claim's number fences its worker: heartbeats, success and
+    # failure count only for the attempt that holds the run now.
+    attempt: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    resumed_from_step: Mapped[int | None] = mapped_column(Integer)  # this attempt's checkpoint
     started_at: Mapped[datetime | None]
     heartbeat_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]

@@ -30,6 +30,7 @@ from transformers import PreTrainedTokenizerBase, Trainer, TrainerCallback
 from trl import GRPOConfig, GRPOTrainer
 
 from models.enums import Language
+from pipelines.checkpoints import Checkpoints, save_args, step_of
 from pipelines.generation import (
     PROMPT_STYLES,
     PromptSpec,
@@ -235,11 +236,14 @@ def update_policy(
     output_dir: Path,
     progress: Callable[[float], None] | None = None,
     tests: Mapping[int, str] | None = None,
+    checkpoints: Checkpoints | None = None,
 ) -> dict:
     """Train `generator` (a model spec) against `reward_model` on `prompts`, write the
     new generator with its tokenizer to `output_dir`, and return training metrics.
 
-    `tests` maps problem_id to the problem's test program; the verdict reward needs it."""
+    `tests` maps problem_id to the problem's test program; the verdict reward needs it.
+    With `checkpoints`, GRPO saves on their schedule and resumes from the newest
+    complete one. PPO restarts: TRL's experimental PPOTrainer cannot resume."""
     # 1. check the inputs before minutes of model loading
     if not prompts:
         raise ValueError("no prompts to train the policy on")
@@ -261,13 +265,20 @@ def update_policy(
         trainer = _ppo_trainer(
             generator, reward_model, tokenizer, prompts, config, output_dir, chat
         )
+        checkpoints = None
     else:
         trainer = _grpo_trainer(
-            generator, reward_model, tokenizer, prompts, config, output_dir, chat, tests
-        )
+            generator, reward_model, tokenizer, prompts, config, output_dir, chat, tests,
+            checkpoints,
+        )  # fmt: skip
     if progress:
         trainer.add_callback(ProgressCallback(progress))
-    trainer.train()
+    resume = checkpoints.latest() if checkpoints else None
+    if checkpoints:
+        trainer.add_callback(checkpoints.callback())
+        trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    else:
+        trainer.train()
     seconds = time.perf_counter() - started
 
     # 3. save the policy alone (PPO's trainer drops the value model) with the config,
@@ -275,7 +286,10 @@ def update_policy(
     trainer.save_model(str(output_dir))
     tokenizer.save_pretrained(output_dir)
     (output_dir / "policy_config.json").write_text(json.dumps(asdict(config), indent=2))
-    return _metrics(trainer.state.log_history, config, prompts, seconds)
+    return {
+        **_metrics(trainer.state.log_history, config, prompts, seconds),
+        "resumed_from_step": step_of(resume) if resume else None,
+    }
 
 
 def _ppo_trainer(
@@ -361,10 +375,11 @@ def _grpo_trainer(
     output_dir: Path,
     chat: bool,
     tests: Mapping[int, str] | None,
+    checkpoints: Checkpoints | None,
 ) -> Trainer:
     batch_size = min(config.batch_size, len(prompts))  # the trainer drops incomplete batches
     args = GRPOConfig(
-        output_dir=str(output_dir),
+        output_dir=str(checkpoints.folder if checkpoints else output_dir),
         max_steps=config.steps,
         # GRPO's batch counts completions: num_generations per prompt
         per_device_train_batch_size=batch_size * config.num_generations,
@@ -375,7 +390,7 @@ def _grpo_trainer(
         learning_rate=config.learning_rate,
         seed=config.seed,
         logging_steps=1,
-        save_strategy="no",
+        **save_args(checkpoints),
         report_to="none",
         bf16=_bf16_available(),
     )

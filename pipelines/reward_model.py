@@ -23,6 +23,7 @@ import torch
 from transformers import TrainerCallback, set_seed
 
 from models.settings import BUNDLED_MODEL
+from pipelines.checkpoints import Checkpoints, save_args, step_of
 from pipelines.loading import load_sequence_classifier, load_tokenizer
 from pipelines.pairs import Pair
 
@@ -354,9 +355,14 @@ def train_reward_model(
     output_dir: str | Path,
     *,
     progress: Progress | None = None,
+    checkpoints: Checkpoints | None = None,
 ) -> dict[str, Any]:
     """Train on `pairs` with the Bradley-Terry loss, write a loadable model (LoRA
-    merged in) to `output_dir`, and return metrics measured on held-out problems."""
+    merged in) to `output_dir`, and return metrics measured on held-out problems.
+
+    With `checkpoints`, the training saves its state on their schedule and resumes
+    from the newest complete one: the same pairs and seed give the same model,
+    interrupted or not."""
     if not pairs:
         raise ValueError("empty pair set: no problem has both a passing and a failing candidate")
     config = config.resolved()
@@ -378,13 +384,13 @@ def train_reward_model(
     started = time.perf_counter()
     if config.method == "top":
         problems = [pair.problem_id for pair in train_pairs]
-        train_loss = _train_top_layers(
-            model, tokenizer, chosen, rejected, problems, config, progress
+        train_loss, resumed = _train_top_layers(
+            model, tokenizer, chosen, rejected, problems, config, progress, checkpoints
         )
         trained = model
     else:
-        train_loss, trained = _train_with_trl(
-            model, tokenizer, chosen, rejected, config, output_dir, progress
+        train_loss, trained, resumed = _train_with_trl(
+            model, tokenizer, chosen, rejected, config, output_dir, progress, checkpoints
         )
     train_seconds = time.perf_counter() - started
 
@@ -404,6 +410,7 @@ def train_reward_model(
         "train_loss": train_loss,
         "train_seconds": train_seconds,
         "pairs_per_s": len(train_pairs) * config.epochs / train_seconds,
+        "resumed_from_step": resumed,
     }
     saved = {"config": asdict(config), "metrics": metrics}
     (output_dir / CONFIG_FILE).write_text(json.dumps(saved, indent=2))
@@ -418,9 +425,10 @@ def _train_with_trl(
     config: RewardConfig,
     output_dir: Path,
     progress: Progress | None,
-) -> tuple[float, Any]:
-    """LoRA or full fine-tuning with TRL's RewardTrainer; returns the loss and the
-    plain classifier (adapters merged)."""
+    checkpoints: Checkpoints | None,
+) -> tuple[float, Any, int | None]:
+    """LoRA or full fine-tuning with TRL's RewardTrainer; returns the loss, the
+    plain classifier (adapters merged) and the step it resumed from, if any."""
     from datasets import Dataset
     from trl import RewardConfig as TrlRewardConfig
     from trl import RewardTrainer
@@ -428,8 +436,10 @@ def _train_with_trl(
     # TRL's collator pads each batch to its longest pair (dynamic padding).
     dataset = Dataset.from_dict({"chosen_ids": chosen, "rejected_ids": rejected})
     on_gpu = torch.cuda.is_available()
+    resume = checkpoints.latest() if checkpoints else None
     args = TrlRewardConfig(
-        output_dir=str(output_dir),
+        # The trainer writes nothing but checkpoints, and only with `checkpoints`.
+        output_dir=str(checkpoints.folder if checkpoints else output_dir),
         num_train_epochs=config.epochs,
         learning_rate=config.learning_rate,
         per_device_train_batch_size=config.batch_size,
@@ -439,25 +449,30 @@ def _train_with_trl(
         dataloader_pin_memory=on_gpu,
         bf16=config.bf16,
         use_cpu=not on_gpu,
-        save_strategy="no",  # the only save is the final model, by the caller
+        **save_args(checkpoints),
         report_to="none",
         disable_tqdm=True,
         logging_strategy="no",
     )
+    callbacks = [_ReportProgress(progress)] if progress else []
+    if checkpoints:
+        callbacks.append(checkpoints.callback())
     trainer = RewardTrainer(
         model=model,
         args=args,
         train_dataset=dataset,
         processing_class=tokenizer,
         peft_config=_lora_config(config) if config.method == "lora" else None,
-        callbacks=[_ReportProgress(progress)] if progress else None,
+        callbacks=callbacks,
     )
-    result = trainer.train()
+    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     trained = trainer.model.merge_and_unload() if config.method == "lora" else trainer.model
-    return result.training_loss, trained
+    return result.training_loss, trained, step_of(resume) if resume else None
 
 
 # --- the cached top-layer path --------------------------------------------------------
+
+TOP_STATE = "top_layers_state.pt"  # a checkpoint of the top-layer loop
 
 
 @contextmanager
@@ -581,10 +596,12 @@ def _train_top_layers(
     problems: list[int],
     config: RewardConfig,
     progress: Progress | None,
-) -> float:
+    checkpoints: Checkpoints | None = None,
+) -> tuple[float, int | None]:
     """Train the top `config.top_layers` decoder layers, the final norm and the
     head with the Bradley-Terry loss, on cached frozen activations; returns the
-    mean training loss. The model is trained in place."""
+    mean training loss and the step it resumed from, if any. The model is trained
+    in place."""
     # 1. Distinct texts: every pair side becomes an index into them.
     distinct: dict[tuple[int, ...], int] = {}
     chosen_at = [distinct.setdefault(tuple(ids), len(distinct)) for ids in chosen]
@@ -601,36 +618,59 @@ def _train_top_layers(
         parameter.requires_grad_(True)
     model.train()
 
-    # 3. Bradley-Terry on batches of one problem's pairs; AdamW with a linear
+    # 3. Every step's batch, fixed by the seed before the first step, so a resumed
+    #    run takes the same batches as an uninterrupted one. AdamW with a linear
     #    decay, as TRL's default schedule.
     rng = random.Random(config.seed)
     steps_per_epoch = len(_problem_batches(problems, config.batch_size, random.Random(0)))
     total_steps = max(1, math.ceil(config.epochs * steps_per_epoch))
+    plan: list[list[int]] = []
+    while len(plan) < total_steps:
+        plan += _problem_batches(problems, config.batch_size, rng)
     optimizer = torch.optim.AdamW(parameters, lr=config.learning_rate, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 - step / total_steps)
     losses: list[float] = []
-    while len(losses) < total_steps:
-        for batch in _problem_batches(problems, config.batch_size, rng):
-            if len(losses) == total_steps:
-                break
-            sides = [chosen_at[i] for i in batch] + [rejected_at[i] for i in batch]
-            unique = list(dict.fromkeys(sides))  # a text twice in a batch runs once
-            scores = prefix.scores(unique)
-            slot = {text: k for k, text in enumerate(unique)}
-            margin = (
-                scores[[slot[t] for t in sides[: len(batch)]]]
-                - scores[[slot[t] for t in sides[len(batch) :]]]
-            )
-            loss = -torch.nn.functional.logsigmoid(margin).mean()
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            optimizer.zero_grad()
-            losses.append(loss.item())
-            if progress:
-                progress(len(losses) / total_steps)
+
+    # 4. Resume: the trained modules, the optimizer, the schedule and the losses so far.
+    latest = checkpoints.latest() if checkpoints else None
+    if latest is not None:
+        state = torch.load(latest / TOP_STATE, weights_only=False)
+        for module, saved in zip(trainable, state["modules"], strict=True):
+            module.load_state_dict(saved)
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        losses = state["losses"]
+        torch.set_rng_state(state["torch_rng"])
+
+    # 5. Bradley-Terry on batches of one problem's pairs.
+    for batch in plan[len(losses) : total_steps]:
+        sides = [chosen_at[i] for i in batch] + [rejected_at[i] for i in batch]
+        unique = list(dict.fromkeys(sides))  # a text twice in a batch runs once
+        scores = prefix.scores(unique)
+        slot = {text: k for k, text in enumerate(unique)}
+        margin = (
+            scores[[slot[t] for t in sides[: len(batch)]]]
+            - scores[[slot[t] for t in sides[len(batch) :]]]
+        )
+        loss = -torch.nn.functional.logsigmoid(margin).mean()
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+        if progress:
+            progress(len(losses) / total_steps)
+        if checkpoints and len(losses) < total_steps and checkpoints.due(len(losses)):
+            state = {
+                "modules": [module.state_dict() for module in trainable],
+                "optimizer": optimizer.state_dict(),
+                "schedule": schedule.state_dict(),
+                "losses": losses,
+                "torch_rng": torch.get_rng_state(),
+            }
+            checkpoints.save(len(losses), lambda to, state=state: torch.save(state, to / TOP_STATE))
     model.eval()
-    return sum(losses) / len(losses)
+    return sum(losses) / len(losses), step_of(latest) if latest else None
 
 
 def _lora_config(config: RewardConfig):

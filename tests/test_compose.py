@@ -47,6 +47,7 @@ def test_services_are_the_distributed_deployment():
         "worker-cpu",
         "worker-gpu",
         "flywheel",
+        "beat",
         "flower",
     }
     assert set(SERVICES) - {"postgres", "redis"} == OUR_IMAGE
@@ -73,7 +74,7 @@ def test_migrate_runs_once_after_postgres_is_healthy():
     assert rewardranker_context(migrate["command"][1:]).params == {"revision": "head"}
 
 
-@pytest.mark.parametrize("name", ["api", "worker-cpu", "worker-gpu", "flywheel", "flower"])
+@pytest.mark.parametrize("name", ["api", "worker-cpu", "worker-gpu", "flywheel", "beat", "flower"])
 def test_long_running_services_wait_for_the_schema_and_the_broker(name: str):
     depends = SERVICES[name]["depends_on"]
     assert depends["migrate"] == {"condition": "service_completed_successfully"}
@@ -127,6 +128,19 @@ def test_flywheel_driver_uses_the_pools_instead_of_starting_workers():
     params = rewardranker_context(SERVICES["flywheel"]["command"][1:]).params
     assert params["continuous"] is True
     assert params["start_workers"] is False
+
+
+def test_beat_schedules_the_reconcile_that_a_cpu_pool_consumes():
+    from workers.celery_app import celery
+    from workers.names import MAINTENANCE, RECONCILE
+
+    assert rewardranker_context(SERVICES["beat"]["command"][1:]).info_name.endswith("beat")
+    schedule = celery.conf.beat_schedule["reconcile"]
+    assert schedule["task"] == RECONCILE
+    assert celery.amqp.router.route({}, RECONCILE)["queue"].name == MAINTENANCE
+    # The CPU pool takes it: `rewardranker worker` adds the maintenance queue to
+    # any worker that does not train.
+    assert "training" not in SERVICES["worker-cpu"]["command"][3]
 
 
 def test_flower_names_the_project_celery_app():

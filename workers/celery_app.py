@@ -11,7 +11,7 @@ from celery import Celery
 from kombu import Queue
 
 from models.settings import Settings, get_settings
-from workers.names import GENERATION, QUEUES
+from workers.names import GENERATION, MAINTENANCE, QUEUES, RECONCILE
 
 TRANSIENT = (sqlalchemy.exc.OperationalError, kombu.exceptions.OperationalError)
 """What a task retries: a database or broker connection that dropped, SQLite's busy
@@ -54,10 +54,19 @@ def make_celery(settings: Settings) -> Celery:
     app.conf.update(
         broker_transport_options=broker_options(settings),
         broker_connection_retry_on_startup=True,
-        task_queues=[Queue(name) for name in QUEUES],
+        task_queues=[Queue(name) for name in (*QUEUES, MAINTENANCE)],
         task_default_queue=GENERATION,
         # Task names are "<queue>.<verb>", so routing is by name.
-        task_routes={f"{name}.*": {"queue": name} for name in QUEUES},
+        task_routes={f"{name}.*": {"queue": name} for name in (*QUEUES, MAINTENANCE)},
+        # `rewardranker beat` sends the reconcile on this schedule; a copy that waited
+        # longer than one interval is dropped, the next one is on its way.
+        beat_schedule={
+            "reconcile": {
+                "task": RECONCILE,
+                "schedule": settings.reconcile_interval.total_seconds(),
+                "options": {"expires": settings.reconcile_interval.total_seconds()},
+            }
+        },
         task_serializer="json",
         accept_content=["json"],
         task_ignore_result=True,
@@ -90,4 +99,5 @@ celery.conf.imports = (
     "workers.execution",
     "workers.labeling",
     "workers.training",
+    "workers.reconcile",
 )

@@ -6,6 +6,7 @@ EXECUTION = "execution"
 LABELING = "labeling"
 TRAINING = "training"
 QUEUES = (GENERATION, EXECUTION, LABELING, TRAINING)
+MAINTENANCE = "maintenance"  # the scheduled reconcile; every CPU worker consumes it too
 
 GENERATE_BATCH = f"{GENERATION}.generate_batch"
 DRAW_SAMPLES = f"{GENERATION}.draw_samples"  # an evaluation's held-out samples
@@ -16,3 +17,4 @@ LABEL_PROBLEM = f"{LABELING}.label_problem"
 SCORE_DRAWN = f"{LABELING}.score_drawn"
 RUN_TRAINING = f"{TRAINING}.run"
 VERSION_DATASET = f"{TRAINING}.version_dataset"
+RECONCILE = f"{MAINTENANCE}.reconcile"

@@ -23,6 +23,12 @@ def start_worker(
 ) -> subprocess.Popen:
     """A `rewardranker worker` process consuming `queues`, logging to `log_path`."""
     command = [CLI, "worker", "--queues", ",".join(queues), "--concurrency", str(concurrency)]
+    return _start(command, env, log_path)
+
+
+def _start(
+    command: list[str], env: Mapping[str, str] | None, log_path: Path | None
+) -> subprocess.Popen:
     log = open(log_path, "ab") if log_path else subprocess.DEVNULL  # noqa: SIM115 (the child keeps it)
     try:
         return subprocess.Popen(
@@ -35,6 +41,13 @@ def start_worker(
     finally:
         if log_path:
             log.close()
+
+
+def start_beat(
+    *, env: Mapping[str, str] | None = None, log_path: Path | None = None
+) -> subprocess.Popen:
+    """A `rewardranker beat` process: the scheduled reconcile."""
+    return _start([CLI, "beat"], env, log_path)
 
 
 def stop_workers(processes: Sequence[subprocess.Popen], *, timeout_s: float = 20.0) -> None:

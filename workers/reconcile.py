@@ -1,5 +1,10 @@
 """Reconcile: re-enqueue whatever the store shows as unfinished. The broker is never
-trusted for completeness (a lost Redis, a killed worker, the embedded broker)."""
+trusted for completeness (a lost Redis, a killed worker, the embedded broker).
+
+It runs on a schedule (`rewardranker beat`, or the driver every
+RR_RECONCILE_INTERVAL), so it is cheap when nothing is lost: lost trainings are
+found by their heartbeat, and a stage's work is sent again only once that stage
+has written nothing for RR_STALL_AFTER."""
 
 from collections import Counter
 from datetime import datetime, timedelta
@@ -9,7 +14,10 @@ from sqlalchemy.orm import Session
 
 from models import Candidate, Evaluation, Execution, Iteration, Score, TrainingRun
 from models.base import utcnow
+from models.db import session_scope
 from models.enums import EvaluationStatus, IterationStatus, RunStatus, Verdict
+from models.settings import get_settings
+from workers.celery_app import celery
 from workers.evaluation import finish_evaluation, missing_work
 from workers.iteration import (
     advance_iteration,
@@ -20,36 +28,63 @@ from workers.iteration import (
     send_draws,
     send_generation,
 )
-from workers.runs import fail_run, send_run
+from workers.names import RECONCILE
+from workers.runs import reclaim_lost_runs, send_run
+
+STAGE_ROWS = {"generation": Candidate, "execution": Execution, "labeling": Score}
+"""The rows each short stage writes: a stage that wrote none for RR_STALL_AFTER while
+it has work left has lost its messages."""
 
 
 def reconcile(
-    session: Session, *, stale_after: timedelta = timedelta(minutes=10)
+    session: Session,
+    *,
+    stale_after: timedelta | None = None,
+    stall_after: timedelta | None = None,
 ) -> dict[str, int]:
-    """Re-enqueue whatever the store shows as unfinished; the broker is never trusted
-    for completeness (a lost Redis, a killed worker, the embedded broker). Enqueuing
-    work that is merely in flight is harmless: every task re-checks the store."""
+    """Reclaim trainings whose heartbeat is older than `stale_after`
+    (RR_RUN_STALE_AFTER), and re-enqueue the work of every stage that wrote nothing
+    for `stall_after` (RR_STALL_AFTER). Enqueuing work that is merely in flight is
+    harmless: every task re-checks the store."""
+    settings = get_settings()
+    stalled_before = utcnow() - (settings.stall_after if stall_after is None else stall_after)
     counts: Counter[str] = Counter()
-    now = utcnow()
+    counts["runs_reclaimed"] = reclaim_lost_runs(session, stale_after=stale_after)
     for run in session.scalars(
-        select(TrainingRun).where(TrainingRun.status.in_([RunStatus.QUEUED, RunStatus.RUNNING]))
-    ):
-        beat = _aware(run.heartbeat_at or run.created_at)
-        if run.status == RunStatus.RUNNING and now - beat > stale_after:
-            fail_run(session, run.id, f"worker lost: no heartbeat since {beat.isoformat()}")
-            counts["stale_runs_failed"] += 1
-        elif run.status == RunStatus.QUEUED:
+        select(TrainingRun).where(TrainingRun.status == RunStatus.QUEUED)
+    ).all():
+        # Queued (or reclaimed, which stamps the heartbeat) before the stall limit
+        # and still unclaimed: its message is lost.
+        if _aware(run.heartbeat_at or run.created_at) <= stalled_before:
             send_run(session, run.id)
             counts["runs_resent"] += 1
     session.flush()
+    stalled = {
+        stage
+        for stage, table in STAGE_ROWS.items()
+        if (last := _last_row_at(session, table)) is None or _aware(last) <= stalled_before
+    }
     open_ids = session.scalars(
         select(Iteration.id)
         .where(Iteration.status != IterationStatus.DONE)
         .order_by(Iteration.number)
     ).all()
     for iteration_id in open_ids:
-        counts.update(_reconcile_iteration(session, iteration_id))
-    return dict(counts)
+        counts.update(_reconcile_iteration(session, iteration_id, stalled))
+    return {key: value for key, value in counts.items() if value}
+
+
+@celery.task(name=RECONCILE, expires=60)
+def reconcile_store() -> dict[str, int]:
+    """The scheduled reconcile (`rewardranker beat`); an expired copy is dropped, so
+    a worker that was busy does not run a backlog of them."""
+    with session_scope() as session:
+        return reconcile(session)
+
+
+def _last_row_at(session: Session, table: type) -> datetime | None:
+    # By primary key, not created_at: newest first through the index, a row read.
+    return session.scalar(select(table.created_at).order_by(table.id.desc()).limit(1))
 
 
 def _aware(moment: datetime) -> datetime:
@@ -57,14 +92,15 @@ def _aware(moment: datetime) -> datetime:
     return moment if moment.tzinfo else moment.replace(tzinfo=utcnow().tzinfo)
 
 
-def _reconcile_iteration(session: Session, iteration_id: int) -> Counter[str]:
+def _reconcile_iteration(session: Session, iteration_id: int, stalled: set[str]) -> Counter[str]:
     counts: Counter[str] = Counter()
     iteration = session.get(Iteration, iteration_id)
-    if iteration.status == IterationStatus.GENERATING:
+    if iteration.status == IterationStatus.GENERATING and stalled:
         missing = [
             p for p in iteration.params["problem_ids"] if p not in iteration.params["generated"]
         ]
-        counts["batches"] += send_generation(session, iteration, missing)
+        if "generation" in stalled:
+            counts["batches"] += send_generation(session, iteration, missing)
         in_iteration = Candidate.iteration_id == iteration_id
         unexecuted = session.scalars(
             select(Candidate.problem_id)
@@ -72,8 +108,9 @@ def _reconcile_iteration(session: Session, iteration_id: int) -> Counter[str]:
             .outerjoin(Execution)
             .where(in_iteration, Execution.id.is_(None))
         ).all()
-        after_generation(session, iteration_id, unexecuted)
-        counts["executions"] += len(unexecuted)
+        if "execution" in stalled:
+            after_generation(session, iteration_id, unexecuted)
+            counts["executions"] += len(unexecuted)
         unlabelled = session.scalars(
             select(Candidate.problem_id)
             .distinct()
@@ -87,17 +124,18 @@ def _reconcile_iteration(session: Session, iteration_id: int) -> Counter[str]:
             )
             .where(in_iteration, Execution.verdict != Verdict.SANDBOX_ERROR, Score.id.is_(None))
         ).all()
-        for problem_id in set(unlabelled) - set(unexecuted):
-            after_execution(session, iteration_id, problem_id)
-            counts["labels"] += 1
-    counts.update(_reconcile_evaluations(session, iteration_id))
+        if "labeling" in stalled:
+            for problem_id in set(unlabelled) - set(unexecuted):
+                after_execution(session, iteration_id, problem_id)
+                counts["labels"] += 1
+    counts.update(_reconcile_evaluations(session, iteration_id, stalled))
     advance_iteration(session, iteration_id)
     return counts
 
 
-def _reconcile_evaluations(session: Session, iteration_id: int) -> Counter[str]:
-    """Re-send what the iteration's running evaluations lack, then finish those
-    that lack nothing."""
+def _reconcile_evaluations(session: Session, iteration_id: int, stalled: set[str]) -> Counter[str]:
+    """Re-send what the iteration's running evaluations lack in stalled stages, then
+    finish those that lack nothing."""
     counts: Counter[str] = Counter()
     for evaluation in session.scalars(
         select(Evaluation).where(
@@ -105,11 +143,14 @@ def _reconcile_evaluations(session: Session, iteration_id: int) -> Counter[str]:
         )
     ).all():
         missing = missing_work(session, evaluation)
-        counts["evaluation_batches"] += send_draws(session, evaluation, missing["generate"])
-        after_drawing(session, evaluation.id, missing["execute"])
-        counts["evaluation_executions"] += len(missing["execute"])
-        for problem_id in missing["score"]:
-            after_drawn_execution(session, evaluation.id, problem_id)
-        counts["evaluation_scores"] += len(missing["score"])
+        if "generation" in stalled:
+            counts["evaluation_batches"] += send_draws(session, evaluation, missing["generate"])
+        if "execution" in stalled:
+            after_drawing(session, evaluation.id, missing["execute"])
+            counts["evaluation_executions"] += len(missing["execute"])
+        if "labeling" in stalled:
+            for problem_id in missing["score"]:
+                after_drawn_execution(session, evaluation.id, problem_id)
+            counts["evaluation_scores"] += len(missing["score"])
         finish_evaluation(session, evaluation.id)
     return counts

@@ -1,20 +1,31 @@
-"""The training-run lifecycle: enqueue, claim, heartbeat, register, fail.
+"""The training-run lifecycle: enqueue, claim, heartbeat, reclaim, register, fail.
 
 A training is a `TrainingRun` row (queued -> running -> succeeded | failed)
 started by the short `training.run` task (`workers.training`). The broker message
 is acknowledged on receipt; from then on the row, its heartbeat and its progress
 are the truth.
+
+A run whose worker is lost (a stale heartbeat, or an owner process that a worker
+starting on its host finds dead) is reclaimed: queued again for its next attempt,
+which resumes from the run's newest checkpoint. Each claim's `attempt` number
+fences the worker that held it before: its heartbeats, success and failure no
+longer count.
 """
 
 import logging
+import os
 import shutil
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
+from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select, update
+from celery.signals import worker_ready
+from sqlalchemy import or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -22,6 +33,8 @@ from models import ModelVersion, TrainingRun
 from models.base import utcnow
 from models.db import session_scope
 from models.enums import RunKind, RunStatus
+from models.repository import register_model_version
+from models.settings import get_settings
 from workers.after_commit import enqueue_after_commit
 from workers.celery_app import celery
 from workers.names import RUN_TRAINING
@@ -72,10 +85,12 @@ def send_run(session: Session, run_id: int) -> None:
 
 class Heartbeat:
     """The progress callback handed to a training pipeline: writes progress and a
-    heartbeat on the run row in its own short transaction, at most once a second."""
+    heartbeat on the run row in its own short transaction, at most once a second.
+    A store that is briefly unreachable costs a report, not the training."""
 
-    def __init__(self, run_id: int, interval_s: float = 1.0):
+    def __init__(self, run_id: int, attempt: int, interval_s: float = 1.0):
         self.run_id = run_id
+        self.attempt = attempt
         self.interval_s = interval_s
         self._last = 0.0
 
@@ -84,8 +99,11 @@ class Heartbeat:
         if now - self._last < self.interval_s and fraction < 1.0:
             return
         self._last = now
-        with session_scope() as session:
-            heartbeat(session, self.run_id, fraction)
+        try:
+            with session_scope() as session:
+                heartbeat(session, self.run_id, self.attempt, fraction)
+        except Exception:
+            log.warning("progress of training run %s not recorded", self.run_id, exc_info=True)
 
 
 KEEP_ALIVE_S = 30.0
@@ -93,7 +111,7 @@ KEEP_ALIVE_S = 30.0
 
 
 @contextmanager
-def keep_alive(run_id: int, every_s: float = KEEP_ALIVE_S) -> Iterator[None]:
+def keep_alive(run_id: int, attempt: int, every_s: float = KEEP_ALIVE_S) -> Iterator[None]:
     """Beat the run's heartbeat from a thread while the block runs. Progress comes
     per training step, and one step can outlast the stale-run limit on a loaded
     CPU (a PPO step of the bundled model took 13 minutes at load average 25);
@@ -104,7 +122,7 @@ def keep_alive(run_id: int, every_s: float = KEEP_ALIVE_S) -> Iterator[None]:
         while not stop.wait(every_s):
             try:
                 with session_scope() as session:
-                    heartbeat(session, run_id)
+                    heartbeat(session, run_id, attempt)
             except Exception:  # a database blip: the next beat tries again
                 log.warning("heartbeat of training run %s failed", run_id, exc_info=True)
 
@@ -133,32 +151,72 @@ def follow_run(
 
 
 class RunLost(RuntimeError):
-    """A training finished after reconcile had given its run up (no heartbeat):
-    its result is dropped, since a replacement run may already be training."""
+    """A training finished after its run was reclaimed or failed (no heartbeat): its
+    result is not registered, since another attempt holds the run now."""
 
 
-def claim_run(session: Session, run_id: int) -> bool:
-    """Mark a queued run running; False when another delivery already took it."""
+def owner() -> tuple[str, int]:
+    """This process as a run's owner: host name and pid."""
+    return socket.gethostname(), os.getpid()
+
+
+def claim_run(session: Session, run_id: int) -> int | None:
+    """Mark a queued run running, owned by this process; returns the claim's
+    attempt number, or None when another delivery already took it."""
     now = utcnow()
-    claimed = session.execute(
+    host, pid = owner()
+    return session.execute(
         update(TrainingRun)
         .where(TrainingRun.id == run_id, TrainingRun.status == RunStatus.QUEUED)
-        .values(status=RunStatus.RUNNING, started_at=now, heartbeat_at=now, progress=0.0)
+        .values(
+            status=RunStatus.RUNNING,
+            attempt=TrainingRun.attempt + 1,
+            owner_host=host,
+            owner_pid=pid,
+            started_at=now,
+            heartbeat_at=now,
+            resumed_from_step=None,
+        )
+        .returning(TrainingRun.attempt)
+    ).scalar()
+
+
+def _held(run_id: int, attempt: int) -> tuple:
+    """WHERE clauses: the run is running, under this attempt."""
+    return (
+        TrainingRun.id == run_id,
+        TrainingRun.status == RunStatus.RUNNING,
+        TrainingRun.attempt == attempt,
     )
-    return claimed.rowcount == 1
 
 
-def succeed_run(session: Session, run_id: int, version: ModelVersion) -> TrainingRun:
-    """Register the run's model as its result, if the run is still ours; the model
-    row and the run's success are flushed together, so the caller's commit
-    publishes both or neither."""
+def mark_resumed(session: Session, run_id: int, attempt: int, step: int) -> None:
+    """Say in the run's progress that this attempt resumed from a checkpoint."""
+    session.execute(
+        update(TrainingRun).where(*_held(run_id, attempt)).values(resumed_from_step=step)
+    )
+
+
+def succeed_run(session: Session, run_id: int, attempt: int, version: ModelVersion) -> TrainingRun:
+    """Register `version` as the run's result, if the run is still this attempt's;
+    the model row and the run's success are flushed together, so the caller's
+    commit publishes both or neither. Idempotent: when this attempt's success
+    already committed (a commit whose acknowledgement a cut connection lost),
+    the registered run is returned and nothing is added."""
     run = session.get(TrainingRun, run_id)
-    # Still ours? Reconcile fails a run whose heartbeat went stale and may have
-    # queued another: registering this one too would train the stage twice.
+    # Still ours? A run whose heartbeat went stale was reclaimed, and another
+    # attempt may be training it: registering this one too would train it twice.
     session.refresh(run, with_for_update=True)
-    if run.status != RunStatus.RUNNING:
-        shutil.rmtree(version.path, ignore_errors=True)  # the caller rolls its row back
-        raise RunLost(f"training run {run_id} was given up ({run.status}) before it finished")
+    if run.status == RunStatus.SUCCEEDED and run.attempt == attempt:
+        return run
+    if run.status != RunStatus.RUNNING or run.attempt != attempt:
+        if run.status not in ACTIVE:  # no attempt will use the weights
+            shutil.rmtree(version.path, ignore_errors=True)
+        raise RunLost(
+            f"training run {run_id} attempt {attempt} was given up ({run.status.value}, "
+            f"attempt {run.attempt}) before it finished"
+        )
+    register_model_version(session, version)
     run.status = RunStatus.SUCCEEDED
     run.progress = 1.0
     run.finished_at = utcnow()
@@ -167,23 +225,111 @@ def succeed_run(session: Session, run_id: int, version: ModelVersion) -> Trainin
     return run
 
 
-def fail_run(session: Session, run_id: int, error: str) -> None:
+def fail_run(session: Session, run_id: int, error: str, attempt: int | None = None) -> None:
+    """Fail an active run; with `attempt`, only while that attempt holds it."""
+    held = (
+        _held(run_id, attempt)
+        if attempt is not None
+        else (TrainingRun.id == run_id, TrainingRun.status.in_(ACTIVE))
+    )
     session.execute(
         update(TrainingRun)
-        .where(
-            TrainingRun.id == run_id, TrainingRun.status.in_([RunStatus.QUEUED, RunStatus.RUNNING])
-        )
+        .where(*held)
         .values(status=RunStatus.FAILED, error=error[-4000:], finished_at=utcnow())
     )
 
 
-def heartbeat(session: Session, run_id: int, fraction: float | None = None) -> None:
+def heartbeat(session: Session, run_id: int, attempt: int, fraction: float | None = None) -> None:
     """Mark a running run alive, and record its progress when given."""
     values: dict[str, Any] = {"heartbeat_at": utcnow()}
     if fraction is not None:
         values["progress"] = max(0.0, min(1.0, float(fraction)))
-    session.execute(
-        update(TrainingRun)
-        .where(TrainingRun.id == run_id, TrainingRun.status == RunStatus.RUNNING)
-        .values(**values)
+    session.execute(update(TrainingRun).where(*_held(run_id, attempt)).values(**values))
+
+
+# --- reclaiming the runs of lost workers -----------------------------------------------
+
+
+def reclaim_run(session: Session, run_id: int, attempt: int, reason: str) -> bool:
+    """Queue a run whose worker was lost for its next attempt, and send it after
+    commit; after RR_RUN_MAX_ATTEMPTS attempts the run fails instead. Only the
+    attempt that was lost is reclaimed, so two reclaimers racing make one retry:
+    the database decides. Returns whether this call reclaimed it."""
+    now = utcnow()
+    exhausted = attempt >= get_settings().run_max_attempts
+    values: dict[str, Any] = (
+        {"status": RunStatus.FAILED, "finished_at": now,
+         "error": f"{reason}; lost its worker {attempt} times"}
+        if exhausted
+        else {"status": RunStatus.QUEUED, "owner_host": None, "owner_pid": None,
+              "heartbeat_at": now, "error": reason}
+    )  # fmt: skip
+    reclaimed = session.execute(update(TrainingRun).where(*_held(run_id, attempt)).values(**values))
+    if reclaimed.rowcount != 1:
+        return False
+    log.warning("training run %s attempt %s reclaimed: %s", run_id, attempt, reason)
+    if not exhausted:
+        send_run(session, run_id)
+    return True
+
+
+def reclaim_lost_runs(
+    session: Session, *, stale_after: timedelta | None = None, host: str | None = None
+) -> int:
+    """Reclaim every running run whose heartbeat is older than `stale_after`
+    (RR_RUN_STALE_AFTER), and, on `host`, every run whose owner process is gone.
+    Returns how many were reclaimed."""
+    stale_before = utcnow() - (
+        stale_after if stale_after is not None else get_settings().run_stale_after
     )
+    lost = TrainingRun.heartbeat_at < stale_before
+    if host is not None:
+        lost = or_(lost, TrainingRun.owner_host == host)
+    reclaimed = 0
+    for run in session.scalars(
+        select(TrainingRun).where(TrainingRun.status == RunStatus.RUNNING, lost)
+    ).all():
+        if host is not None and run.owner_host == host and not _alive(run.owner_pid):
+            reason = f"worker lost: its process {host}/{run.owner_pid} is gone"
+        elif _before(run.heartbeat_at, stale_before):
+            reason = f"worker lost: no heartbeat since {run.heartbeat_at.isoformat()}"
+        else:
+            continue
+        reclaimed += reclaim_run(session, run.id, run.attempt, reason)
+    return reclaimed
+
+
+def _alive(pid: int | None) -> bool:
+    if pid is None:
+        return False
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: it exists
+        return True
+    # A zombie (killed, not yet reaped) is not training.
+    with suppress(OSError):
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    return True
+
+
+def _before(moment: Any, bound: Any) -> bool:
+    # SQLite hands back naive datetimes; they were written in UTC.
+    return (moment if moment.tzinfo else moment.replace(tzinfo=bound.tzinfo)) < bound
+
+
+@worker_ready.connect
+def reclaim_on_worker_start(**_: Any) -> None:
+    """A worker starting on a host reclaims the runs of that host's dead workers at
+    once, instead of waiting for their heartbeats to go stale."""
+    try:
+        with session_scope() as session:
+            reclaimed = reclaim_lost_runs(session, host=owner()[0])
+    except Exception:  # the store is down: the heartbeat check will reclaim them
+        log.warning("could not reclaim lost training runs at start", exc_info=True)
+        return
+    if reclaimed:
+        log.warning("reclaimed %d training run(s) of dead workers on this host", reclaimed)

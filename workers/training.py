@@ -4,14 +4,17 @@ row started by the short `training.run` task, and the iteration's dataset versio
 The run's lifecycle (enqueue, claim, heartbeat, register, fail) is `workers.runs`;
 what is trained and on what is here."""
 
+import json
 import logging
+import shutil
 import traceback
 import uuid
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import suppress
 from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -24,7 +27,7 @@ from models import (
     Problem,
     TrainingRun,
 )
-from models.db import session_scope
+from models.db import is_connection_error, session_scope, write_with_retry
 from models.enums import ModelKind, Origin, RunKind
 from models.repository import (
     content_hash,
@@ -35,16 +38,26 @@ from models.repository import (
     register_model_version,
 )
 from models.settings import get_settings
+from pipelines.checkpoints import Checkpoints, step_of
 from pipelines.generation import PromptSpec
 from pipelines.loading import write_then_rename
-from pipelines.pairs import build_pairs
+from pipelines.pairs import Pair, build_pairs
 from pipelines.reward_model import RewardConfig, train_reward_model
 from workers.celery_app import RETRY, celery
 from workers.execution import execution_row, run_with_retries
 from workers.generation import generator_for
 from workers.iteration import FlywheelParams, advance_iteration
 from workers.names import RUN_TRAINING, VERSION_DATASET
-from workers.runs import Heartbeat, claim_run, fail_run, keep_alive, succeed_run
+from workers.runs import (
+    Heartbeat,
+    RunLost,
+    claim_run,
+    fail_run,
+    keep_alive,
+    mark_resumed,
+    reclaim_run,
+    succeed_run,
+)
 
 if TYPE_CHECKING:  # torch and TRL load when a policy update runs, not with the worker
     from pipelines.policy import PolicyConfig
@@ -56,6 +69,15 @@ log = logging.getLogger(__name__)
 TRAINING_TIME_LIMIT_S = 48 * 3600
 
 
+def run_folder(run_id: int) -> Path:
+    """A run's own folder: its frozen inputs, its checkpoints, its finished result."""
+    return get_settings().data_dir.resolve() / "runs" / f"run-{run_id}"
+
+
+INPUTS = "inputs.json"  # what the run trains on, read from the store once
+RESULT = "result.json"  # the trained model's row, written once its folder is in place
+
+
 def prepare_run(session: Session, run_id: int) -> None:
     """What a run needs stored before it trains: a warm start's executed mutants.
     Committed on its own so that no write lock is held through the training."""
@@ -64,30 +86,110 @@ def prepare_run(session: Session, run_id: int) -> None:
         store_warm_start_candidates(session, run.iteration_id)
 
 
-def train_run(session: Session, run_id: int, progress: Callable[[float], None]) -> TrainingRun:
-    """Train what the run asks for and register it as the run's result."""
+def freeze_inputs(session: Session, run_id: int) -> None:
+    """Read what the run trains on from the store, once, into its folder: every
+    attempt trains on the same data in the same order, and none holds a
+    connection while it trains."""
+    path = run_folder(run_id) / INPUTS
+    if path.is_file():
+        return
     run = session.get(TrainingRun, run_id)
-    if run.kind == RunKind.REWARD:
-        version = _train_reward(session, run, progress)
-    else:
-        version = _train_policy(session, run, progress)
-    return succeed_run(session, run_id, version)
+    reward = run.kind == RunKind.REWARD
+    inputs = _reward_inputs(session, run) if reward else _policy_inputs(session, run)
+    write_then_rename(path, lambda staging: staging.write_text(json.dumps(inputs)))
 
 
-def _train_reward(
-    session: Session, run: TrainingRun, progress: Callable[[float], None]
-) -> ModelVersion:
-    settings = get_settings()
+def _reward_inputs(session: Session, run: TrainingRun) -> dict[str, Any]:
     parent = current_model(session, ModelKind.REWARD)
     epochs = run.params.get("epochs", FlywheelParams.reward_epochs)
-    return train_and_register_reward_model(
-        session,
-        config=RewardConfig(backbone=settings.reward_model, epochs=epochs),
-        data_dir=settings.data_dir,
-        parent_id=parent.id if parent else None,
-        iteration_id=run.iteration_id,
-        progress=progress,
+    config = RewardConfig(backbone=get_settings().reward_model, epochs=epochs)
+    return {
+        "config": asdict(config),
+        "pairs": [asdict(pair) for pair in build_pairs(session)],
+        "parent_id": parent.id if parent else None,
+    }
+
+
+def _policy_inputs(session: Session, run: TrainingRun) -> dict[str, Any]:
+    from pipelines.policy import PolicyConfig
+
+    iteration = session.get(Iteration, run.iteration_id)
+    params = FlywheelParams.from_dict(iteration.params)  # what the iteration generated with
+    problems = session.scalars(
+        select(Problem).where(Problem.id.in_(iteration.params["problem_ids"])).order_by(Problem.id)
+    ).all()
+    config = PolicyConfig(
+        steps=run.params.get("steps", params.policy_steps),
+        max_new_tokens=run.params.get("max_new_tokens", params.max_new_tokens),
+        prompt_style=run.params.get("prompt_style", params.prompt_style),
     )
+    return {
+        "config": asdict(config),
+        "generator_id": iteration.generator_version_id,
+        "reward_id": current_model(session, ModelKind.REWARD).id,
+        "prompts": [asdict(PromptSpec.from_problem(p)) for p in problems],
+        "tests": {str(p.id): p.tests for p in problems},
+    }
+
+
+def train_run(run_id: int, attempt: int, progress: Callable[[float], None]) -> dict[str, Any]:
+    """Train what the run's frozen inputs ask for, resuming from its newest complete
+    checkpoint, and return the trained model's row. The row is kept in the run's
+    folder, so an attempt whose registration failed leaves it for the next one to
+    register. No transaction stays open while it trains."""
+    folder = run_folder(run_id)
+    if (folder / RESULT).is_file():
+        log.info("training run %s: registering the model an earlier attempt trained", run_id)
+        return json.loads((folder / RESULT).read_text())
+    inputs = json.loads((folder / INPUTS).read_text())
+    settings = get_settings()
+    checkpoints = Checkpoints(folder / "checkpoints", settings.checkpoint_interval.total_seconds())
+    with session_scope() as session:
+        run = session.get(TrainingRun, run_id)
+        if (latest := checkpoints.latest()) is not None:
+            mark_resumed(session, run_id, attempt, step_of(latest))
+        if run.kind == RunKind.POLICY:
+            generator = session.get(ModelVersion, inputs["generator_id"])
+            reward = session.get(ModelVersion, inputs["reward_id"])
+    if run.kind == RunKind.REWARD:
+        version = train_reward_version(
+            [Pair(**pair) for pair in inputs["pairs"]],
+            RewardConfig(**inputs["config"]),
+            data_dir=settings.data_dir,
+            name=f"reward-it{run.iteration_id}-run{run_id}",
+            parent_id=inputs["parent_id"],
+            progress=progress,
+            checkpoints=checkpoints,
+        )
+    else:
+        from pipelines.policy import PolicyConfig
+
+        version = train_policy_version(
+            generator_version=generator,
+            reward_version=reward,
+            prompts=[PromptSpec(**prompt) for prompt in inputs["prompts"]],
+            config=PolicyConfig(**inputs["config"]),
+            data_dir=settings.data_dir,
+            name=f"generator-run{run_id}",
+            iteration_id=run.iteration_id,
+            progress=progress,
+            tests={int(k): v for k, v in inputs["tests"].items()},
+            checkpoints=checkpoints,
+        )
+    result = {column: getattr(version, column) for column in RESULT_COLUMNS}
+    write_then_rename(folder / RESULT, lambda staging: staging.write_text(json.dumps(result)))
+    return result
+
+
+RESULT_COLUMNS = ("kind", "name", "parent_id", "base_model", "path", "metrics")
+
+
+def register_run(
+    session: Session, run_id: int, attempt: int, result: dict[str, Any]
+) -> TrainingRun:
+    """Register the run's trained model as its result (flush only; idempotent)."""
+    version = ModelVersion(**{**result, "kind": ModelKind(result["kind"])})
+    return succeed_run(session, run_id, attempt, version)
 
 
 def store_warm_start_candidates(session: Session, iteration_id: int) -> int:
@@ -131,33 +233,6 @@ def store_warm_start_candidates(session: Session, iteration_id: int) -> int:
     )
 
 
-def _train_policy(
-    session: Session, run: TrainingRun, progress: Callable[[float], None]
-) -> ModelVersion:
-    from pipelines.policy import PolicyConfig
-
-    iteration = session.get(Iteration, run.iteration_id)
-    params = FlywheelParams.from_dict(iteration.params)  # what the iteration generated with
-    problems = session.scalars(
-        select(Problem).where(Problem.id.in_(iteration.params["problem_ids"])).order_by(Problem.id)
-    ).all()
-    return train_and_register_policy(
-        session,
-        generator_version=session.get(ModelVersion, iteration.generator_version_id),
-        reward_version=current_model(session, ModelKind.REWARD),
-        prompts=[PromptSpec.from_problem(p) for p in problems],
-        config=PolicyConfig(
-            steps=run.params.get("steps", params.policy_steps),
-            max_new_tokens=run.params.get("max_new_tokens", params.max_new_tokens),
-            prompt_style=run.params.get("prompt_style", params.prompt_style),
-        ),
-        data_dir=get_settings().data_dir,
-        iteration_id=run.iteration_id,
-        progress=progress,
-        tests={p.id: p.tests for p in problems},
-    )
-
-
 def version_dataset_once(session: Session, iteration_id: int) -> None:
     """Export and DVC-tag the iteration's data, once."""
     from pipelines.datasets import version_iteration
@@ -179,21 +254,42 @@ def train_and_register_reward_model(
     progress: Callable[[float], None] | None = None,
 ) -> ModelVersion:
     """Train on every pair in the store and register the result (flush only).
-
-    The weights are written to a temporary folder and renamed into place before
-    the row is added, so a crash at any point leaves no registered half-model.
     Training always starts from `config.backbone`; `parent_id` records lineage
-    (the version whose hard negatives fed this one).
-    """
-    pairs = build_pairs(session)
+    (the version whose hard negatives fed this one)."""
     stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
     iteration = f"it{iteration_id}-" if iteration_id is not None else ""
-    name = f"reward-{iteration}{stamp}-{uuid.uuid4().hex[:8]}"
+    version = train_reward_version(
+        build_pairs(session),
+        config,
+        data_dir=data_dir,
+        name=f"reward-{iteration}{stamp}-{uuid.uuid4().hex[:8]}",
+        parent_id=parent_id,
+        progress=progress,
+    )
+    return register_model_version(session, version)
+
+
+def train_reward_version(
+    pairs: Sequence[Pair],
+    config: RewardConfig,
+    *,
+    data_dir: str | Path,
+    name: str,
+    parent_id: int | None,
+    progress: Callable[[float], None] | None = None,
+    checkpoints: Checkpoints | None = None,
+) -> ModelVersion:
+    """Train a reward model into the models folder and return its row, unsaved.
+    The weights are written to a temporary folder and renamed into place, so a
+    crash at any point leaves no half-model where a finished one is expected."""
     folder = Path(data_dir).resolve() / "models" / "reward" / name
     metrics = write_then_rename(
-        folder, lambda staging: train_reward_model(pairs, config, staging, progress=progress)
+        folder,
+        lambda staging: train_reward_model(
+            pairs, config, staging, progress=progress, checkpoints=checkpoints
+        ),
     )
-    version = ModelVersion(
+    return ModelVersion(
         kind=ModelKind.REWARD,
         name=name,
         parent_id=parent_id,
@@ -201,7 +297,6 @@ def train_and_register_reward_model(
         path=str(folder),
         metrics=metrics,  # the config is in the folder's reward_config.json
     )
-    return register_model_version(session, version)
 
 
 def train_and_register_policy(
@@ -219,6 +314,35 @@ def train_and_register_policy(
     """Update `generator_version` against `reward_version` and register the result as a
     new generator version (flush only: the caller commits). A failure registers nothing
     and leaves no folder behind."""
+    version = train_policy_version(
+        generator_version=generator_version,
+        reward_version=reward_version,
+        prompts=prompts,
+        config=config,
+        data_dir=data_dir,
+        name=f"generator-{config.algo}-{uuid.uuid4().hex[:12]}",
+        iteration_id=iteration_id,
+        progress=progress,
+        tests=tests,
+    )
+    return register_model_version(session, version)
+
+
+def train_policy_version(
+    *,
+    generator_version: ModelVersion,
+    reward_version: ModelVersion,
+    prompts: Sequence[PromptSpec],
+    config: "PolicyConfig",
+    data_dir: Path,
+    name: str,
+    iteration_id: int | None = None,
+    progress: Callable[[float], None] | None = None,
+    tests: Mapping[int, str] | None = None,
+    checkpoints: Checkpoints | None = None,
+) -> ModelVersion:
+    """Update `generator_version` against `reward_version` into the models folder
+    and return the new generator's row, unsaved."""
     from pipelines.policy import update_policy
 
     if generator_version.kind != ModelKind.GENERATOR:
@@ -231,7 +355,6 @@ def train_and_register_policy(
             f"model version {reward_version.id} is a {reward_version.kind} model, "
             "not a reward model"
         )
-    name = f"generator-{config.algo}-{uuid.uuid4().hex[:12]}"
     folder = (Path(data_dir) / "models" / "generators" / name).resolve()
     metrics = write_then_rename(
         folder,
@@ -244,9 +367,10 @@ def train_and_register_policy(
             output_dir=staging,
             progress=progress,
             tests=tests,
+            checkpoints=checkpoints,
         ),
     )
-    version = ModelVersion(
+    return ModelVersion(
         kind=ModelKind.GENERATOR,
         name=name,
         parent_id=generator_version.id,
@@ -259,7 +383,6 @@ def train_and_register_policy(
             "config": asdict(config),
         },
     )
-    return register_model_version(session, version)
 
 
 @celery.task(name=RUN_TRAINING, acks_late=False, time_limit=TRAINING_TIME_LIMIT_S, **RETRY)
@@ -267,22 +390,37 @@ def run_training(run_id: int) -> None:
     """Claim, train, register. Acknowledged on receipt: the run row, not the message,
     carries a long training; a lost worker leaves a stale heartbeat for reconcile."""
     with session_scope() as session:
-        if not claim_run(session, run_id):
-            return  # another delivery took it, or it already ended
+        attempt = claim_run(session, run_id)
+    if attempt is None:
+        return  # another delivery took it, or it already ended
     try:
         with session_scope() as session:
             prepare_run(session, run_id)
-        with keep_alive(run_id), session_scope() as session:
-            iteration_id = train_run(session, run_id, Heartbeat(run_id)).iteration_id
-    except Exception:
-        # The failed transaction took the model row with it; record why.
+        with session_scope() as session:
+            freeze_inputs(session, run_id)
+        with keep_alive(run_id, attempt):
+            result = train_run(run_id, attempt, Heartbeat(run_id, attempt))
+            # Minutes or hours of training: a cut connection must not discard them.
+            run = write_with_retry(lambda session: register_run(session, run_id, attempt, result))
+    except RunLost:
+        log.warning("training run %s attempt %s was reclaimed meanwhile", run_id, attempt)
+        return
+    except Exception as error:
+        if is_connection_error(error):
+            # Not the training's fault: another attempt resumes from the checkpoint
+            # or registers the saved result, once the store is back.
+            log.exception("training run %s: store unreachable", run_id)
+            with suppress(Exception), session_scope() as session:
+                reclaim_run(session, run_id, attempt, f"store unreachable: {error}")
+            return
         log.exception("training run %s failed", run_id)
         with session_scope() as session:
-            fail_run(session, run_id, traceback.format_exc())
+            fail_run(session, run_id, traceback.format_exc(), attempt)
+        shutil.rmtree(run_folder(run_id), ignore_errors=True)  # a new run starts afresh
         return
-    if iteration_id is not None:
-        with session_scope() as session:
-            advance_iteration(session, iteration_id)
+    shutil.rmtree(run_folder(run_id), ignore_errors=True)  # its checkpoints served
+    if run.iteration_id is not None:
+        write_with_retry(lambda session: advance_iteration(session, run.iteration_id))
 
 
 @celery.task(name=VERSION_DATASET, **RETRY)

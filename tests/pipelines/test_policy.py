@@ -156,7 +156,7 @@ def test_the_policy_trains_on_the_tokens_generation_feeds(
 
     ppo = _ppo_trainer(*ppo_args, PolicyConfig(prompt_style=style, **TINY), tmp_path, chat)
     grpo_config = PolicyConfig(algo="grpo", prompt_style=style, **TINY)
-    grpo = _grpo_trainer(*ppo_args, grpo_config, tmp_path / "grpo", chat, None)
+    grpo = _grpo_trainer(*ppo_args, grpo_config, tmp_path / "grpo", chat, None, None)
 
     assert list(ppo.train_dataset["input_ids"]) == fed
     # TRL's PPO masks every pad id: no query token may be one.

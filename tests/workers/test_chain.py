@@ -8,6 +8,7 @@ import subprocess
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -144,7 +145,7 @@ def wait_until_collected(store, iteration_id: int, timeout_s: float = 240) -> No
             if progress != last:
                 last, last_change = progress, time.monotonic()
             elif time.monotonic() - last_change > 5:
-                reconcile(store)
+                reconcile(store, stall_after=timedelta(0))
                 store.commit()
                 last_change = time.monotonic()
         except OperationalError:  # the store restarting
@@ -175,7 +176,7 @@ def test_the_chain_runs_an_iteration_from_warm_start_to_policy_update(
     iteration_id = open_iteration(store, problem_ids, params).id
     store.commit()
     with workers(flywheel_env, tmp_path):
-        wait_for_iteration(iteration_id, show=False, stall_s=30, timeout_s=240)
+        wait_for_iteration(iteration_id, show=False, timeout_s=240)
     assert_exactly_once(store, iteration_id, params)
     assert store.get(Iteration, iteration_id).status == IterationStatus.DONE
     dataset = store.scalars(select(DatasetVersion)).one()

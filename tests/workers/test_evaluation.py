@@ -2,6 +2,7 @@
 with the real Redis as broker so the follow-ups they enqueue can be counted."""
 
 from dataclasses import asdict
+from datetime import timedelta
 
 import pytest
 from sqlalchemy import select
@@ -123,7 +124,7 @@ def test_reconcile_resends_only_what_an_evaluation_is_missing(store, broker_url,
     redis_queues = ("generation", "execution", "labeling")
     before = {name: queue_length(broker_url, name) for name in redis_queues}
     store.expire_all()  # the tasks committed in sessions of their own
-    counts = reconcile(store)
+    counts = reconcile(store, stall_after=timedelta(0))
     store.commit()
     assert counts["evaluation_batches"] == 1  # the third problem was never generated
     assert counts["evaluation_executions"] == 1  # the second problem has no verdicts

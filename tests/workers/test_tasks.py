@@ -204,25 +204,41 @@ def test_a_crashed_training_registers_nothing_and_can_be_enqueued_again(
     assert Path(version.path, "config.json").is_file()
 
 
-def test_reconcile_fails_a_run_whose_worker_died_and_resends_queued_ones(store, broker_url):
-    from datetime import timedelta
-
+def test_reconcile_reclaims_a_run_whose_worker_died_and_resends_queued_ones(store, broker_url):
     from models.base import utcnow
 
-    stale = TrainingRun(kind=RunKind.REWARD, status=RunStatus.RUNNING,
-                        heartbeat_at=utcnow() - timedelta(hours=1))  # fmt: skip
+    stale = TrainingRun(kind=RunKind.REWARD, status=RunStatus.RUNNING, attempt=1,
+                        heartbeat_at=utcnow() - timedelta(minutes=3))  # fmt: skip
     queued = TrainingRun(kind=RunKind.POLICY)
     store.add_all([stale, queued])
     store.commit()
-    counts = reconcile(store, stale_after=timedelta(minutes=10))
+    counts = reconcile(store, stall_after=timedelta(0))  # the run limit: RR_RUN_STALE_AFTER
     store.commit()
-    assert counts == {"stale_runs_failed": 1, "runs_resent": 1}
+    assert counts == {"runs_reclaimed": 1, "runs_resent": 1}
     store.expire_all()
-    assert store.get(TrainingRun, stale.id).status == RunStatus.FAILED
-    assert "heartbeat" in store.get(TrainingRun, stale.id).error
-    assert queue_length(broker_url, "training") == 1
-    # The failed run no longer blocks a new one of its kind.
-    assert enqueue_training(store, RunKind.REWARD)[1] is True
+    reclaimed = store.get(TrainingRun, stale.id)
+    # Queued again for its next attempt, which resumes from its checkpoint.
+    assert (reclaimed.status, reclaimed.attempt) == (RunStatus.QUEUED, 1)
+    assert "no heartbeat" in reclaimed.error and reclaimed.owner_pid is None
+    assert queue_length(broker_url, "training") == 2  # the retry and the lost queued one
+    # The reclaimed run is still the active one of its kind: nothing starts beside it.
+    assert enqueue_training(store, RunKind.REWARD) == (reclaimed, False)
+
+
+def test_a_run_that_lost_its_worker_too_often_fails(store, broker_url, monkeypatch):
+    from models.base import utcnow
+
+    monkeypatch.setattr(get_settings(), "run_max_attempts", 3)
+    lost = TrainingRun(kind=RunKind.REWARD, status=RunStatus.RUNNING, attempt=3,
+                       heartbeat_at=utcnow() - timedelta(minutes=3))  # fmt: skip
+    store.add(lost)
+    store.commit()
+    assert reconcile(store) == {"runs_reclaimed": 1}
+    store.commit()
+    store.expire_all()
+    failed = store.get(TrainingRun, lost.id)
+    assert failed.status == RunStatus.FAILED and "lost its worker 3 times" in failed.error
+    assert queue_length(broker_url, "training") == 0
 
 
 def test_sandbox_errors_are_never_labelled(store, tiny_model_dir):
@@ -271,11 +287,12 @@ def test_keep_alive_beats_the_heartbeat_between_progress_reports(store, flywheel
 
     run, _ = enqueue_training(store, RunKind.REWARD)
     store.commit()
-    assert runs.claim_run(store, run.id)
+    attempt = runs.claim_run(store, run.id)
+    assert attempt == 1
     store.commit()
     store.expire_all()
     claimed_beat = store.get(TrainingRun, run.id).heartbeat_at
-    with runs.keep_alive(run.id, every_s=0.2):
+    with runs.keep_alive(run.id, attempt, every_s=0.2):
         time.sleep(1.0)  # a long training step: no progress report
     store.expire_all()
     beaten = store.get(TrainingRun, run.id)
@@ -283,27 +300,36 @@ def test_keep_alive_beats_the_heartbeat_between_progress_reports(store, flywheel
     assert beaten.progress == 0.0  # alive, not further along
 
 
-def test_a_training_given_up_by_reconcile_registers_nothing(
+def test_a_reclaimed_attempt_registers_nothing_and_its_retry_registers_its_weights(
     store, flywheel_env, tiny_model_dir, monkeypatch
 ):
     add_pair_problems(store)
     monkeypatch.setattr(get_settings(), "reward_model", str(tiny_model_dir))
     run, _ = enqueue_training(store, RunKind.REWARD)
     store.commit()
-    assert runs.claim_run(store, run.id)
+    attempt = runs.claim_run(store, run.id)
+    training.freeze_inputs(store, run.id)
     # The worker's heartbeat went stale (a step longer than the limit, before
-    # keep_alive): reconcile gives the run up while it is still training.
+    # keep_alive): reconcile reclaims the run while this attempt still trains.
     reconcile(store, stale_after=timedelta(0))
     store.commit()
 
+    result = training.train_run(run.id, attempt, lambda fraction: None)
     with pytest.raises(runs.RunLost), session_scope() as session:
-        training.train_run(session, run.id, lambda fraction: None)
-
+        training.register_run(session, run.id, attempt, result)
     store.expire_all()
-    assert store.get(TrainingRun, run.id).status == RunStatus.FAILED
+    assert store.get(TrainingRun, run.id).status == RunStatus.QUEUED
     assert count(store, ModelVersion, ModelVersion.kind == ModelKind.REWARD) == 0
-    reward_dir = Path(flywheel_env["RR_DATA_DIR"]) / "models" / "reward"
-    assert not reward_dir.exists() or list(reward_dir.iterdir()) == []
+
+    # The retry finds the finished weights in the run's folder and registers them,
+    # once, without training again.
+    training.run_training(run.id)
+    store.expire_all()
+    done = store.get(TrainingRun, run.id)
+    assert (done.status, done.attempt) == (RunStatus.SUCCEEDED, 2)
+    version = store.scalars(select(ModelVersion).where(ModelVersion.kind == ModelKind.REWARD)).one()
+    assert version.path == result["path"] and done.result_model_version_id == version.id
+    assert not training.run_folder(run.id).exists()  # checkpoints and inputs cleaned up
 
 
 def test_status_says_how_many_samples_repeated_a_stored_program(store, tiny_model_dir):
