@@ -14,8 +14,8 @@ from datetime import datetime
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
-from sqlalchemy import Select, and_, exists, select, tuple_
-from sqlalchemy.orm import Session
+from sqlalchemy import ColumnElement, Select, and_, exists, or_, select, tuple_
+from sqlalchemy.orm import Session, aliased
 
 from models import (
     Candidate,
@@ -31,7 +31,6 @@ from models import (
     repository,
 )
 from models.enums import EvaluationStatus, Language, ModelKind, Origin, Split, Verdict
-from models.repository import current_model
 
 CandidateSort = Literal["time", "-time", "score", "-score"]
 SORTS: tuple[str, ...] = ("time", "-time", "score", "-score")
@@ -113,9 +112,10 @@ class CandidateFilter(BaseModel):
     on, with each filter's bounds: the API takes it as its query parameters, the CLI
     builds it from its options.
 
-    Scores come from one reward model version: `reward_model_version_id`, or the
-    newest reward model when it is None. Sorting by score, or a score range,
-    lists only candidates that version has scored.
+    Each candidate shows one score: by default the one its own iteration's reward
+    model gave it (a candidate without an iteration: the newest reward model that
+    scored it), or that of `reward_model_version_id` when one is asked for.
+    Sorting by score, or a score range, lists only candidates with a score shown.
     """
 
     model_config = ConfigDict(frozen=True)
@@ -131,7 +131,11 @@ class CandidateFilter(BaseModel):
     origin: Origin | None = None
     generator_version_id: int | None = Field(None, ge=1, le=INT32)
     reward_model_version_id: int | None = Field(
-        None, ge=1, le=INT32, description="Whose scores to show and filter on; default the newest."
+        None,
+        ge=1,
+        le=INT32,
+        description="Whose scores to show and filter on; default each candidate's "
+        "iteration's reward model.",
     )
     min_score: float | None = Field(None, allow_inf_nan=False)
     max_score: float | None = Field(None, allow_inf_nan=False)
@@ -173,24 +177,38 @@ def decode_cursor(cursor: str, sort: str) -> tuple[Any, int]:
     return key, candidate_id
 
 
-def current_reward_version_id(session: Session) -> int | None:
-    version = current_model(session, ModelKind.REWARD)
-    return None if version is None else version.id
+def shown_score(reward_model_version_id: int | None) -> ColumnElement[bool]:
+    """The join condition that picks the one score a listing shows per candidate, in
+    a query over Candidate, outer-joined Iteration and Score: the score of
+    `reward_model_version_id`, or by default the one the candidate's iteration's
+    reward model gave it. A candidate without an iteration shows the newest reward
+    model's that scored it: an evaluation draw is scored once per evaluation, so
+    that is the newest evaluation's, and a /solve sample has only its request's."""
+    if reward_model_version_id is not None:
+        return Score.reward_model_version_id == reward_model_version_id
+    newer = aliased(Score)
+    # Spelt as OR and NOT EXISTS, not as `= COALESCE(iteration's, (SELECT max ...))`:
+    # PostgreSQL guesses that an equality with a subquery keeps 0.5% of the rows
+    # and would then sort every score instead of walking the score index.
+    return or_(
+        Score.reward_model_version_id == Iteration.reward_model_version_id,
+        and_(
+            Candidate.iteration_id.is_(None),
+            ~exists().where(
+                newer.candidate_id == Score.candidate_id,
+                newer.reward_model_version_id > Score.reward_model_version_id,
+            ),
+        ),
+    )
 
 
 def _is_hard_negative():
     return exists().where(HardNegativeLabel.candidate_id == Candidate.id)
 
 
-def candidate_select(
-    session: Session, flt: CandidateFilter, *, with_code: bool = False
-) -> tuple[Select, int | None]:
-    """The filtered, sorted listing (without cursor or limit) and the reward
-    model version whose scores it shows."""
-    rm_version = flt.reward_model_version_id or current_reward_version_id(session)
-    score_join = and_(
-        Score.candidate_id == Candidate.id, Score.reward_model_version_id == rm_version
-    )
+def candidate_select(flt: CandidateFilter, *, with_code: bool = False) -> Select:
+    """The filtered, sorted listing (without cursor or limit)."""
+    score_join = and_(Score.candidate_id == Candidate.id, shown_score(flt.reward_model_version_id))
     columns = [
         Candidate.id,
         Candidate.problem_id,
@@ -252,7 +270,7 @@ def candidate_select(
         query = query.order_by(Score.score, Candidate.id)
     else:
         query = query.order_by(Score.score.desc(), Candidate.id.desc())
-    return query, rm_version
+    return query
 
 
 def _after_cursor(query: Select, flt: CandidateFilter, cursor: str) -> Select:
@@ -309,6 +327,8 @@ def _row_dict(row: Any) -> dict[str, Any]:
 class CandidatePage:
     items: list[dict[str, Any]]
     next_cursor: str | None
+    # The version asked for; None when each row shows its own iteration's (the
+    # row's `reward_model_version_id` names the version of its score).
     reward_model_version_id: int | None
 
 
@@ -316,7 +336,7 @@ def list_candidates(
     session: Session, flt: CandidateFilter, *, limit: int = 50, cursor: str | None = None
 ) -> CandidatePage:
     """One page of candidates; `next_cursor` is None on the last page."""
-    query, rm_version = candidate_select(session, flt)
+    query = candidate_select(flt)
     if cursor:
         query = _after_cursor(query, flt, cursor)
     # The hard-negative flag is one index probe per row of the page, in the
@@ -339,7 +359,7 @@ def list_candidates(
         next_cursor = encode_cursor(
             flt.sort, last["score"] if flt.sort.endswith("score") else None, last["id"]
         )
-    return CandidatePage(rows, next_cursor, rm_version)
+    return CandidatePage(rows, next_cursor, flt.reward_model_version_id)
 
 
 def iter_candidates(
@@ -352,7 +372,7 @@ def iter_candidates(
 ) -> Iterator[list[dict[str, Any]]]:
     """Every matching candidate, in chunks, read through a server-side cursor:
     memory stays bounded by one chunk however many rows match."""
-    query, _ = candidate_select(session, flt, with_code=with_code)
+    query = candidate_select(flt, with_code=with_code)
     if cursor:
         query = _after_cursor(query, flt, cursor)
     result = session.execute(query.execution_options(stream_results=True, yield_per=chunk_size))
@@ -624,15 +644,14 @@ def reward_model_accuracies(session: Session) -> list[tuple[int, str, float]]:
 def score_samples(
     session: Session, reward_model_version_id: int | None = None, *, limit: int = 20000
 ) -> dict[str, list[float]]:
-    """Scores of passing and failing candidates under one reward model version
-    (the newest by default), at most `limit` of the newest scores."""
-    version = reward_model_version_id or current_reward_version_id(session)
-    if version is None:
-        return {"passing": [], "failing": []}
+    """Scores of passing and failing candidates, the one the listing shows for each
+    (see `shown_score`), at most `limit` of the newest scores."""
     rows = session.execute(
         select(Score.score, Execution.verdict == Verdict.OK)
+        .join(Candidate, Candidate.id == Score.candidate_id)
+        .outerjoin(Iteration, Iteration.id == Candidate.iteration_id)
         .join(Execution, Execution.candidate_id == Score.candidate_id)
-        .where(Score.reward_model_version_id == version)
+        .where(shown_score(reward_model_version_id))
         .order_by(Score.id.desc())
         .limit(limit)
     )

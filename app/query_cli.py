@@ -73,6 +73,7 @@ CANDIDATE_TABLE_COLUMNS = (
     "iteration",
     "verdict",
     "score",
+    "reward_model_version_id",  # whose score: by default, each candidate's iteration's
     "hard_negative",
 )
 
@@ -97,7 +98,11 @@ def candidates_list(
         int | None, typer.Option(help="Generator model version id.")
     ] = None,
     reward_version: Annotated[
-        int | None, typer.Option(help="Reward model version whose scores to use (default newest).")
+        int | None,
+        typer.Option(
+            help="Reward model version whose scores to use (default: each candidate's "
+            "iteration's reward model, the one that scored it in its iteration)."
+        ),
     ] = None,
     min_score: Annotated[float | None, typer.Option()] = None,
     max_score: Annotated[float | None, typer.Option()] = None,

@@ -152,8 +152,8 @@ def reward_accuracy_figure(session: Session) -> Figure:
 
 
 def score_distribution_figure(session: Session) -> Figure:
-    """Scores the newest reward model gives passing vs failing candidates: the
-    further apart, the better it reranks."""
+    """Scores passing vs failing candidates got from their own iteration's reward
+    model: the further apart, the better the flywheel's reward models rerank."""
     samples = queries.score_samples(session)
     figure = Figure(figsize=(6, 3.5))
     axes = figure.add_subplot()

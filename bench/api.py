@@ -39,6 +39,7 @@ import httpx  # noqa: E402
 import psycopg  # noqa: E402
 
 from app import migrate  # noqa: E402
+from app.queries import encode_cursor  # noqa: E402
 
 ADMIN_DSN = os.environ.get("RR_TEST_PG_ADMIN", "host=127.0.0.1 port=5432 user=postgres dbname=test")
 PAGE = 100
@@ -46,15 +47,17 @@ PAGE = 100
 
 def load(dsn: str, candidates: int) -> None:
     """200 problems in 8 languages, 5 iterations, one generator and two reward
-    models; every candidate executed (1 in 4 passes) and scored by the newest
-    reward model; 2% of failing candidates labelled hard negatives."""
+    models (rm-v1 scores iterations 1-2, rm-v2 iterations 3-5); every candidate
+    executed (1 in 4 passes) and scored by its iteration's reward model; 2% of
+    failing candidates labelled hard negatives by it."""
     statements = [
         "INSERT INTO model_versions (kind, name, base_model, metrics, status, created_at) VALUES "
         "('generator', 'gen-v1', 'bench', '{}', 'ready', now()), "
         "('reward', 'rm-v1', 'bench', '{\"pairwise_accuracy\": 0.6}', 'ready', now()), "
         "('reward', 'rm-v2', 'bench', '{\"pairwise_accuracy\": 0.7}', 'ready', now())",
-        "INSERT INTO iterations (number, status, params, metrics, created_at) "
-        "SELECT g, 'done', '{}', '{}', now() FROM generate_series(1, 5) g",
+        "INSERT INTO iterations (number, status, reward_model_version_id, params, metrics, "
+        "created_at) SELECT g, 'done', CASE WHEN g <= 2 THEN 2 ELSE 3 END, '{}', '{}', now() "
+        "FROM generate_series(1, 5) g",
         "INSERT INTO problems (source, task_id, language, prompt, tests, created_at) "
         "SELECT 'bench', 'task/' || g, (ARRAY['python','cpp','java','javascript','typescript',"
         "'php','csharp','bash'])[1 + g % 8], 'def f():', 'assert True', now() "
@@ -69,10 +72,12 @@ def load(dsn: str, candidates: int) -> None:
         "SELECT id, iteration_id, (ARRAY['OK','WRONG_ANSWER','RUNTIME_ERROR','TIME_LIMIT'])[1 + id % 4], "
         "CASE WHEN id % 4 = 0 THEN 3 ELSE 1 END, 3, 12.5, '', '', 1, created_at FROM candidates",
         "INSERT INTO scores (candidate_id, reward_model_version_id, score, created_at) "
-        "SELECT id, 3, random(), created_at FROM candidates",
+        "SELECT c.id, i.reward_model_version_id, random(), c.created_at "
+        "FROM candidates c JOIN iterations i ON i.id = c.iteration_id",
         "INSERT INTO hard_negative_labels (candidate_id, reward_model_version_id, iteration_id, "
-        "rule, created_at) SELECT id, 3, iteration_id, 'above_lowest_passing', now() "
-        "FROM candidates WHERE id % 4 <> 0 AND id % 50 = 1",
+        "rule, created_at) SELECT c.id, i.reward_model_version_id, c.iteration_id, "
+        "'above_lowest_passing', now() FROM candidates c JOIN iterations i "
+        "ON i.id = c.iteration_id WHERE c.id % 4 <> 0 AND c.id % 50 = 1",
         "ANALYZE",
     ]
     with psycopg.connect(dsn, autocommit=True) as connection:
@@ -136,7 +141,7 @@ def serve(url: str, port: int, root: Path) -> subprocess.Popen:
             time.sleep(0.3)
 
 
-def request_mix(client: httpx.Client) -> dict[str, dict]:
+def request_mix(client: httpx.Client, candidates: int) -> dict[str, dict]:
     """The filters people use most, each as a page of 100."""
     cursor = client.get("/candidates", params={"sort": "-score", "limit": PAGE}).json()[
         "next_cursor"
@@ -152,13 +157,20 @@ def request_mix(client: httpx.Client) -> dict[str, dict]:
         "score range": {"min_score": 0.4, "max_score": 0.6},
         "origin+generator": {"origin": "mutation", "generator_version_id": 1},
         "top scores, page 2": {"sort": "-score", "cursor": cursor},
+        # Half-way down: a cursor after the middle score and id.
+        "scores, deep page": {
+            "sort": "-score",
+            "cursor": encode_cursor("-score", 0.5, candidates // 2),
+        },
     }
 
 
-def measure_latency(clients: dict[str, httpx.Client], rounds: int) -> dict[str, list[float]]:
+def measure_latency(
+    clients: dict[str, httpx.Client], rounds: int, candidates: int
+) -> dict[str, list[float]]:
     """Latencies per server; with several, each request goes to each in turn,
     the order alternating by round."""
-    mix = request_mix(next(iter(clients.values())))
+    mix = request_mix(next(iter(clients.values())), candidates)
     for client in clients.values():
         for params in mix.values():  # warm the caches once
             client.get("/candidates", params={**params, "limit": PAGE}).raise_for_status()
@@ -244,7 +256,7 @@ def main() -> None:
             clients[server] = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30)
         print(f"GET /candidates, page of {PAGE}, {rounds} requests per filter:")
         cpu_before = {server: cpu_seconds(process.pid) for server, process in servers.items()}
-        latencies = measure_latency(clients, rounds)
+        latencies = measure_latency(clients, rounds, candidates)
         results = {}
         for server, client in clients.items():
             p50, p95 = statistics.median(latencies[server]), percentile(latencies[server], 95)

@@ -26,6 +26,7 @@ from sqlalchemy import Engine, text  # noqa: E402
 from sqlalchemy.orm import Session  # noqa: E402
 
 from app import migrate  # noqa: E402
+from app.queries import CandidateFilter, encode_cursor, list_candidates  # noqa: E402
 from models import Problem  # noqa: E402
 from models.db import make_engine  # noqa: E402
 from models.enums import Language, Origin, Verdict  # noqa: E402
@@ -108,8 +109,9 @@ def fill_postgres(engine: Engine, rows: int, problems: int, iterations: int) -> 
         )
         connection.execute(
             text(
-                "INSERT INTO iterations (number, status, params, metrics, created_at) "
-                "SELECT n, 'done', '{}', '{}', now() FROM generate_series(1, :n) n"
+                "INSERT INTO iterations (number, status, reward_model_version_id, params, "
+                "metrics, created_at) SELECT n, 'done', m.id, '{}', '{}', now() "
+                "FROM generate_series(1, :n) n, model_versions m WHERE m.name = 'rm-bench'"
             ),
             {"n": iterations},
         )
@@ -155,6 +157,23 @@ def vacuum(engine: Engine) -> None:
 
 
 def time_queries(engine: Engine, repeats: int) -> dict[str, list[float]]:
+    """The SQL above, and a page of `candidates list --sort=-score` half-way down
+    (each candidate's own iteration's score; app.queries builds that SQL)."""
+    timings = {**time_sql(engine, repeats), "listing_by_score_deep_page": []}
+    with Session(engine) as session:
+        middle = session.scalar(text("SELECT max(id) / 2 FROM candidates"))
+        cursor = encode_cursor("-score", 0.5, middle)
+        for _ in range(repeats):
+            start = time.perf_counter()
+            page = list_candidates(
+                session, CandidateFilter(sort="-score"), limit=100, cursor=cursor
+            )
+            timings["listing_by_score_deep_page"].append((time.perf_counter() - start) * 1000)
+            assert len(page.items) == 100
+    return timings
+
+
+def time_sql(engine: Engine, repeats: int) -> dict[str, list[float]]:
     with engine.connect() as connection:
         version = connection.scalar(text("SELECT id FROM model_versions WHERE name = 'rm-bench'"))
         problems = connection.scalars(

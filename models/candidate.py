@@ -86,7 +86,11 @@ class Score(CreatedAt, Base):
     __tablename__ = "scores"
     __table_args__ = (
         UniqueConstraint("candidate_id", "reward_model_version_id"),
+        # Score order under one chosen version.
         Index("ix_scores_reward_model_version_id_score", "reward_model_version_id", "score"),
+        # Score order when each candidate shows its own iteration's score, a
+        # different version per iteration (app.queries.shown_score).
+        Index("ix_scores_score_candidate_id", "score", "candidate_id"),
     )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)

@@ -89,6 +89,23 @@ class Settings(BaseSettings):
         "samples) retries a lost database connection before giving up.",
     )
 
+    @field_validator(
+        "task_time_limit",
+        "run_stale_after",
+        "reconcile_interval",
+        "stall_after",
+        "checkpoint_interval",
+        "store_retry_for",
+        mode="before",
+    )
+    @classmethod
+    def _seconds(cls, value: object) -> object:
+        # RR_STALL_AFTER=60 means seconds; ISO 8601 (PT1M) and HH:MM:SS work too.
+        try:
+            return float(value) if isinstance(value, str) else value
+        except ValueError:
+            return value
+
     @field_validator("database_url")
     @classmethod
     def _known_database(cls, value: str) -> str:

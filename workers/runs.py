@@ -18,8 +18,8 @@ import shutil
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from collections.abc import Callable
+from contextlib import suppress
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -84,55 +84,55 @@ def send_run(session: Session, run_id: int) -> None:
 
 
 class Heartbeat:
-    """The progress callback handed to a training pipeline: writes progress and a
-    heartbeat on the run row in its own short transaction, at most once a second.
-    A store that is briefly unreachable costs a report, not the training."""
+    """A training attempt's pulse. As a context manager it beats the run's heartbeat
+    from a thread every third of RR_RUN_STALE_AFTER, between progress reports too:
+    one step can outlast the limit on a loaded CPU (a PPO step of the bundled
+    model took 13 minutes at load average 25), and the heartbeat says the worker
+    lives, not that a step ended. Called, it is the progress callback handed to
+    the training pipeline (written at most once a second). Either way, once the
+    run is no longer this attempt's (reclaimed or failed), the next call raises
+    `RunLost`, so a training that lost its run stops instead of finishing twice."""
 
-    def __init__(self, run_id: int, attempt: int, interval_s: float = 1.0):
+    def __init__(self, run_id: int, attempt: int, *, every_s: float | None = None):
         self.run_id = run_id
         self.attempt = attempt
-        self.interval_s = interval_s
+        self.every_s = every_s or get_settings().run_stale_after.total_seconds() / 3
+        self.lost = threading.Event()
+        self._stop = threading.Event()
         self._last = 0.0
 
     def __call__(self, fraction: float) -> None:
+        if self.lost.is_set():
+            raise RunLost(f"training run {self.run_id} attempt {self.attempt} was reclaimed")
         now = time.monotonic()
-        if now - self._last < self.interval_s and fraction < 1.0:
-            return
-        self._last = now
+        if now - self._last >= 1.0 or fraction >= 1.0:
+            self._last = now
+            self._beat(fraction)
+            if self.lost.is_set():
+                raise RunLost(f"training run {self.run_id} attempt {self.attempt} was reclaimed")
+
+    def __enter__(self) -> "Heartbeat":
+        self._thread = threading.Thread(
+            target=self._keep_alive, name=f"heartbeat-run-{self.run_id}", daemon=True
+        )
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _keep_alive(self) -> None:
+        while not self._stop.wait(self.every_s):
+            self._beat(None)
+
+    def _beat(self, fraction: float | None) -> None:
         try:
             with session_scope() as session:
-                heartbeat(session, self.run_id, self.attempt, fraction)
-        except Exception:
-            log.warning("progress of training run %s not recorded", self.run_id, exc_info=True)
-
-
-KEEP_ALIVE_S = 30.0
-"""How often a training worker marks its run alive, between progress reports too."""
-
-
-@contextmanager
-def keep_alive(run_id: int, attempt: int, every_s: float = KEEP_ALIVE_S) -> Iterator[None]:
-    """Beat the run's heartbeat from a thread while the block runs. Progress comes
-    per training step, and one step can outlast the stale-run limit on a loaded
-    CPU (a PPO step of the bundled model took 13 minutes at load average 25);
-    the heartbeat says the worker lives, not that a step ended."""
-    stop = threading.Event()
-
-    def beat() -> None:
-        while not stop.wait(every_s):
-            try:
-                with session_scope() as session:
-                    heartbeat(session, run_id, attempt)
-            except Exception:  # a database blip: the next beat tries again
-                log.warning("heartbeat of training run %s failed", run_id, exc_info=True)
-
-    thread = threading.Thread(target=beat, name=f"keep-alive-run-{run_id}", daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        thread.join()
+                if not heartbeat(session, self.run_id, self.attempt, fraction):
+                    self.lost.set()
+        except Exception:  # a database blip: the next beat tries again
+            log.warning("heartbeat of training run %s failed", self.run_id, exc_info=True)
 
 
 def follow_run(
@@ -239,12 +239,14 @@ def fail_run(session: Session, run_id: int, error: str, attempt: int | None = No
     )
 
 
-def heartbeat(session: Session, run_id: int, attempt: int, fraction: float | None = None) -> None:
-    """Mark a running run alive, and record its progress when given."""
+def heartbeat(session: Session, run_id: int, attempt: int, fraction: float | None = None) -> bool:
+    """Mark a running run alive, and record its progress when given; False when the
+    run is no longer this attempt's."""
     values: dict[str, Any] = {"heartbeat_at": utcnow()}
     if fraction is not None:
         values["progress"] = max(0.0, min(1.0, float(fraction)))
-    session.execute(update(TrainingRun).where(*_held(run_id, attempt)).values(**values))
+    beaten = session.execute(update(TrainingRun).where(*_held(run_id, attempt)).values(**values))
+    return beaten.rowcount == 1
 
 
 # --- reclaiming the runs of lost workers -----------------------------------------------

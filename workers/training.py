@@ -53,7 +53,6 @@ from workers.runs import (
     RunLost,
     claim_run,
     fail_run,
-    keep_alive,
     mark_resumed,
     reclaim_run,
     succeed_run,
@@ -398,8 +397,8 @@ def run_training(run_id: int) -> None:
             prepare_run(session, run_id)
         with session_scope() as session:
             freeze_inputs(session, run_id)
-        with keep_alive(run_id, attempt):
-            result = train_run(run_id, attempt, Heartbeat(run_id, attempt))
+        with Heartbeat(run_id, attempt) as beat:
+            result = train_run(run_id, attempt, beat)
             # Minutes or hours of training: a cut connection must not discard them.
             run = write_with_retry(lambda session: register_run(session, run_id, attempt, result))
     except RunLost:

@@ -66,7 +66,9 @@ class CandidatePageOut(BaseModel):
         description="Pass as `cursor` for the next page; null on the last."
     )
     reward_model_version_id: int | None = Field(
-        description="The reward model whose scores are shown."
+        description="The reward model asked for, whose scores are shown; null by default, "
+        "when each row shows the score its iteration's reward model gave it (the row's "
+        "`reward_model_version_id` names that model)."
     )
 
 

@@ -98,8 +98,11 @@ def seed_store(session: Session) -> Seeded:
         )
         candidate.generator_version_id = generator.id
         passing.append(candidate.id)
+        # Scored by the iteration's own reward model, as the flywheel scores them.
         session.add(
-            Score(candidate_id=candidate.id, reward_model_version_id=reward.id, score=0.5 + i / 10)
+            Score(
+                candidate_id=candidate.id, reward_model_version_id=old_reward.id, score=0.5 + i / 10
+            )
         )
     for i in range(4):
         candidate = make_candidate(

@@ -117,9 +117,15 @@ def test_candidate_filters(client, seeded):
     assert seeded.hard_negative not in ids(hard_negative="false")
     assert ids(problem_id=seeded.python_problem) == set(seeded.passing + seeded.failing)
     assert ids(generator_version_id=seeded.generator) == set(seeded.passing)
+    # By default each candidate's own iteration's scores: rm-v1's of iteration 1's.
     assert ids(min_score=0.6, max_score=0.85) == set(seeded.passing[1:4])
-    # Another reward model version's scores: rm-v1 scored only the failing ones.
-    assert ids(reward_model_version_id=seeded.old_reward, min_score=0.9) == set(seeded.failing)
+    # A chosen version's scores: rm-v1 also gave iteration 2's failing ones 0.9,
+    # where their own rm-v2 gave them at most 0.3; rm-v2 scored only those.
+    assert ids(
+        reward_model_version_id=seeded.old_reward, verdict="WRONG_ANSWER", min_score=0.9
+    ) == set(seeded.failing)
+    assert ids(verdict="WRONG_ANSWER", min_score=0.9) == set()
+    assert ids(reward_model_version_id=seeded.reward, min_score=0.0) == set(seeded.failing)
 
 
 def test_candidates_sorted_by_score_page_through_every_row_once(client, seeded):
@@ -127,7 +133,11 @@ def test_candidates_sorted_by_score_page_through_every_row_once(client, seeded):
     scores = [item["score"] for item in items]
     assert scores == sorted(scores, reverse=True) and len(items) == 10
     assert len({item["id"] for item in items}) == 10
-    assert items[0]["reward_model_version_id"] == seeded.reward
+    # Each shows its own iteration's score: rm-v1's in iteration 1, rm-v2's in 2.
+    assert {item["id"]: item["reward_model_version_id"] for item in items} == {
+        **dict.fromkeys(seeded.passing, seeded.old_reward),
+        **dict.fromkeys(seeded.failing, seeded.reward),
+    }
     ascending = all_pages(client, sort="score", limit=4)
     assert [item["id"] for item in ascending] == [item["id"] for item in reversed(items)]
 

@@ -1,6 +1,7 @@
 """The dashboard in a real headless Chromium, served by uvicorn in-process."""
 
 import os
+import re
 import shutil
 import socket
 import threading
@@ -17,6 +18,7 @@ from app.report import PLOTS
 from models.settings import Settings
 from tests.app.conftest import Seeded, seed_store, serve_session
 from tests.conftest import unavailable
+from tests.factories import make_model_version
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -119,3 +121,22 @@ def test_dashboard_pages_answer_bad_filters_with_400(pg_session):
         assert client.get("/browse/0").status_code == 422
         assert client.get("/browse/99999999").status_code == 404
         assert client.get("/plots/pass1.png").headers["content-type"] == "image/png"
+
+
+def test_browser_shows_each_candidates_own_score_after_a_newer_reward_model(pg_session):
+    seeded = seed_store(pg_session)
+    newer = make_model_version(pg_session, name="rm-v3")  # has scored nothing
+    app = create_app(Settings(api_token=None))
+    serve_session(app, pg_session)
+    with TestClient(app) as client:
+        response = client.get("/browse", params={"verdict": "OK", "sort": "-score"})
+        assert response.status_code == 200
+        cells = re.findall(r'<td class="score">(.*?)</td>', response.text)
+        # Iteration 1's passing candidates, scored 0.5 to 1.0 by its rm-v1.
+        assert cells == [
+            f"{0.5 + i / 10:.3f} <small>v{seeded.old_reward}</small>" for i in range(5, -1, -1)
+        ]
+        assert "the candidate's iteration's reward model" in response.text
+        chosen = client.get("/browse", params={"reward_model_version_id": newer.id})
+        assert f"Scores from reward model version {newer.id}." in chosen.text
+        assert set(re.findall(r'<td class="score">(.*?)</td>', chosen.text)) == {""}

@@ -12,8 +12,9 @@ from typer.testing import CliRunner
 from app.cli import app
 from app.report import PLOTS
 from models import db, settings
-from models.db import make_engine
+from models.db import make_engine, session_scope
 from tests.app.conftest import Seeded, seed_store
+from tests.factories import make_model_version
 
 
 @pytest.fixture
@@ -116,3 +117,19 @@ def test_api_refuses_to_bind_beyond_loopback_without_a_token(store, monkeypatch)
     monkeypatch.delenv("RR_API_TOKEN", raising=False)
     result = run("api", "--host", "0.0.0.0")
     assert result.exit_code == 2 and "RR_API_TOKEN" in result.stderr
+
+
+def test_candidates_list_shows_each_iterations_scores_after_a_newer_reward_model(store):
+    with session_scope() as session:
+        make_model_version(session, name="rm-v3")  # the newest, which has scored nothing
+    rows = json.loads(run("candidates", "list", "--sort=-score", "--format", "json").stdout)
+    assert [row["id"] for row in rows] == store.passing[::-1] + store.failing[::-1]
+    assert {row["id"]: row["reward_model_version_id"] for row in rows} == {
+        **dict.fromkeys(store.passing, store.old_reward),
+        **dict.fromkeys(store.failing, store.reward),
+    }
+    explicit = run(
+        "candidates", "list", "--reward-version", str(store.old_reward), "--format", "json"
+    )
+    scores = {row["id"]: row["score"] for row in json.loads(explicit.stdout)}
+    assert all(scores[cid] == 0.9 for cid in store.failing)  # rm-v1's, not their own rm-v2's

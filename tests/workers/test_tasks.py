@@ -283,7 +283,9 @@ def test_train_command_enqueues_onto_the_training_queue_and_never_runs_inline(
     assert queue_length(broker_url, "training") == 1
 
 
-def test_keep_alive_beats_the_heartbeat_between_progress_reports(store, flywheel_env):
+def test_the_heartbeat_beats_between_progress_reports_and_stops_a_reclaimed_attempt(
+    store, flywheel_env
+):
 
     run, _ = enqueue_training(store, RunKind.REWARD)
     store.commit()
@@ -292,12 +294,22 @@ def test_keep_alive_beats_the_heartbeat_between_progress_reports(store, flywheel
     store.commit()
     store.expire_all()
     claimed_beat = store.get(TrainingRun, run.id).heartbeat_at
-    with runs.keep_alive(run.id, attempt, every_s=0.2):
+    with runs.Heartbeat(run.id, attempt, every_s=0.2) as beat:
         time.sleep(1.0)  # a long training step: no progress report
     store.expire_all()
     beaten = store.get(TrainingRun, run.id)
     assert beaten.heartbeat_at > claimed_beat
     assert beaten.progress == 0.0  # alive, not further along
+
+    # Reclaimed meanwhile (its beats were late): the next beat tells the training,
+    # whose next progress report stops it.
+    reconcile(store, stale_after=timedelta(0))
+    store.commit()
+    with runs.Heartbeat(run.id, attempt, every_s=0.1) as beat:
+        time.sleep(0.5)
+        assert beat.lost.is_set()
+        with pytest.raises(runs.RunLost):
+            beat(0.5)
 
 
 def test_a_reclaimed_attempt_registers_nothing_and_its_retry_registers_its_weights(
