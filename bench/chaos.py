@@ -11,23 +11,28 @@ fresh database, broker and data folder: fault-free first, then with faults.
 
 Faults, on a schedule from the chaos run's start (--seed draws the order):
 - kill: SIGKILL one worker's whole process group every --kill-every seconds,
-  the queues taken in shuffled rounds so that all four (training included) are
-  hit alike; a fresh worker for that queue is started at once, as an
-  orchestrator would.
+  the queues taken in shuffled rounds (the training worker first, in the warm
+  start) so that all four are hit alike; a fresh worker for that queue is
+  started at once, as an orchestrator would.
 - broker: SIGKILL Redis and start it again, empty (--broker-restarts).
 - db-cut: pg_terminate_backend on every connection to the database (--db-cuts).
 - db-restart: `pg_ctl restart`, -m immediate then -m fast (--db-restarts).
 The other faults are spread over the fault-free run's duration, halfway between
-two kills.
+two kills. With --aim each fault waits, up to half a kill period, for a moment
+when it hits work (its worker holds a message, or a training runs).
 
-Forward progress is read from the store once a second: any counter that grows
-(candidates, executions, scores, hard-negative labels, model versions, dataset
-versions, evaluation samples, iterations and evaluations done, training runs
-created, claimed, succeeded, or a running run's progress). A fault's recovery
-time is from the fault to the first poll that sees one grow. For a killed
-training worker that held a run, also: the time until the run was running again
-under its next attempt (reclaim latency), and whether that attempt resumed from
-a checkpoint (`training_runs.resumed_from_step`).
+Recovery, per fault:
+- progress: from the fault to the first store poll (once a second) in which any
+  counter grew: candidates, executions, scores, hard-negative labels, model and
+  dataset versions, evaluation samples, iterations and evaluations done, training
+  runs created, claimed or succeeded, a running run's progress.
+- lost work: what the fault hit, read from Redis (a killed worker's
+  unacknowledged message; everything queued or in work for the broker; what was
+  in work for the database), until the workers' task events show each item
+  finished again.
+- for a killed training worker that held a run: the time until the run was
+  running again under its next attempt (reclaim latency), and whether that
+  attempt resumed from a checkpoint (`training_runs.resumed_from_step`).
 
 After each run the store's invariants are checked (every iteration done with its
 DVC tag; every candidate executed exactly once; every judgeable candidate of an
@@ -35,14 +40,14 @@ iteration scored by that iteration's reward model; each succeeded run registered
 exactly one model of its own and no failed run one; no model folder registered
 twice; every registered folder on disk).
 
-    .venv/bin/python bench/chaos.py [--quick] [--seed N] [--kill-every S]
+    .venv/bin/python bench/chaos.py [--quick] [--seed N] [--kill-every S] [--aim]
         [--broker-restarts N] [--db-cuts N] [--db-restarts N]
-        [--faults kill,broker,db-cut,db-restart]
+        [--faults kill,broker,db-cut,db-restart] [--checkpoint-interval S]
 
-Logs and a dump of each run's run rows stay in the folder it prints. The last
-line is `RESULT faults=N recovery_p50_s=X recovery_max_s=X reclaim_max_s=X
-wall_ratio=X invariants=pass|fail fault_free_s=X chaos_s=X ...`; the exit status
-is 1 when an invariant fails or a run does not finish.
+Logs and a dump of each run's rows stay in the folder it prints. The last line is
+`RESULT faults=N ... recovery_p50_s=X recovery_max_s=X lost_work_max_s=X
+reclaim_max_s=X resumed=K/N wall_ratio=X invariants=pass|fail fault_free_s=X
+chaos_s=X`; the exit status is 1 when an invariant fails or a run does not finish.
 """
 
 import argparse
@@ -516,7 +521,9 @@ def plan(args: argparse.Namespace, anchor_s: float, horizon_s: float) -> list[tu
 class Chaos:
     """Injects the planned faults into a deployment and measures recovery."""
 
-    def __init__(self, run: Deployment, engine: Engine, events: list[tuple[float, str]]):
+    def __init__(
+        self, run: Deployment, engine: Engine, events: list[tuple[float, str]], aim_s: float
+    ):
         self.run = run
         self.engine = engine
         self.events = list(events)
@@ -525,13 +532,25 @@ class Chaos:
         self.broker = redis.Redis.from_url(run.broker.url, socket_timeout=5)
         self.attributed: set[str] = set()  # delivery tags already lost to a kill
         self.tasks = TaskLog(run.broker.url)
+        self.aim_s = aim_s
 
-    def due(self, now: float) -> None:
-        while self.events and self.events[0][0] <= now:
-            _, name = self.events.pop(0)
+    def pending(self, now: float) -> bool:
+        return bool(self.events) and self.events[0][0] <= now
+
+    def due(self, now: float, runs: list[Any]) -> None:
+        """Inject the faults that are due; with `aim_s`, each waits up to that long
+        for a moment when it hits work (`follow` asks again every 50 ms)."""
+        while self.pending(now):
+            planned, name = self.events[0]
+            aimed = self.aim_s > 0 and self._hits_work(name, runs)
+            if self.aim_s > 0 and not aimed and now - planned < self.aim_s:
+                return
+            self.events.pop(0)
             fault = Fault(at=now, kind=name.split(":")[0], queue=name.partition(":")[2] or None)
             fault.wall = time.time()
             self.inject(fault)
+            if self.aim_s > 0:
+                fault.detail += "" if aimed else " (found no work to hit)"
             try:
                 fault.baseline = read_store(self.engine)[0]
             except SQLAlchemyError:  # a restart: the first reading after it is the baseline
@@ -570,6 +589,19 @@ class Chaos:
             started = time.monotonic()
             run.cluster.restart(mode)
             fault.detail = f"pg_ctl restart -m {mode} ({time.monotonic() - started:.1f}s)"
+
+    def _hits_work(self, name: str, runs: list[Any]) -> bool:
+        """Would the fault hit work now? A kill: its worker holds a message (or, for
+        training, a run is running); the broker: a message is queued or in work; the
+        database: a message is in work or a run is running."""
+        kind, _, queue = name.partition(":")
+        training = any(r.status == RunStatus.RUNNING for r in runs)
+        if kind == "kill":
+            held = [item[0] for item in self._in_work()]
+            return any(t.startswith(f"{queue}.") for t in held) or (queue == TRAINING and training)
+        if kind == "broker":
+            return bool(self._in_work() or queued(self.broker))
+        return bool(self._in_work()) or training
 
     def _in_work(self) -> list[tuple]:
         """The work live workers hold unacknowledged (not the dead ones' leftovers)."""
@@ -668,23 +700,32 @@ def follow(run: Deployment, work: Work, chaos: Chaos | None) -> tuple[float, boo
                 counters, runs = read_store(engine)
             except SQLAlchemyError:
                 counters, runs = None, []
-            if chaos is not None:
-                if counters is not None:
-                    chaos.observe(now, counters, runs)
-                chaos.due(now)
-            time.sleep(max(0.0, 1.0 - (time.monotonic() - started - now)))
+            if chaos is not None and counters is not None:
+                chaos.observe(now, counters, runs)
+            next_poll = started + now + 1.0
+            while (left := next_poll - time.monotonic()) > 0:
+                if chaos is not None and chaos.pending(time.monotonic() - started):
+                    chaos.due(time.monotonic() - started, runs)
+                    time.sleep(min(left, 0.05))
+                else:
+                    time.sleep(left)
     finally:
         engine.dispose()
 
 
 def run_once(
-    name: str, cluster: Cluster, base: Path, work: Work, events: list[tuple[float, str]] | None
+    name: str,
+    cluster: Cluster,
+    base: Path,
+    work: Work,
+    events: list[tuple[float, str]] | None = None,
+    aim_s: float = 0.0,
 ) -> Outcome:
     print(f"== {name}: setting up", flush=True)
     with deployment(name, cluster, base, work) as run:
         print(f"== {name}: driver started ({'faults on' if events else 'no faults'})", flush=True)
         engine = make_engine(run.env["RR_DATABASE_URL"])
-        chaos = Chaos(run, engine, events) if events else None
+        chaos = Chaos(run, engine, events, aim_s) if events else None
         try:
             wall_s, finished, exits = follow(run, work, chaos)
         finally:
@@ -890,6 +931,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--db-restarts", type=int, default=1, metavar="N")
     parser.add_argument("--faults", default=",".join(FAULT_KINDS),
                         help=f"kinds to inject, of {','.join(FAULT_KINDS)}")  # fmt: skip
+    parser.add_argument("--aim", action="store_true",
+                        help="each fault waits (up to half a kill period) until it hits work")  # fmt: skip
     parser.add_argument("--checkpoint-interval", type=float, metavar="S",
                         help="RR_CHECKPOINT_INTERVAL of both runs (default: the system's)")  # fmt: skip
     parser.add_argument("--timeout", type=float, default=2400.0, metavar="S",
@@ -921,9 +964,10 @@ def main() -> int:
     cluster = None
     try:
         cluster = Cluster(base / "pg")
-        clean = run_once("fault-free", cluster, base, work, None)
+        clean = run_once("fault-free", cluster, base, work)
         events = plan(args, anchor_s=clean.wall_s, horizon_s=args.timeout)
-        chaos = run_once("chaos", cluster, base, work, events)
+        aim_s = args.kill_every / 2 if args.aim else 0.0
+        chaos = run_once("chaos", cluster, base, work, events, aim_s)
     finally:
         if cluster is not None:
             cluster.stop()
