@@ -384,10 +384,9 @@ def train_policy_version(
     )
 
 
-@celery.task(name=RUN_TRAINING, acks_late=False, time_limit=TRAINING_TIME_LIMIT_S, **RETRY)
-def run_training(run_id: int) -> None:
-    """Claim, train, register. Acknowledged on receipt: the run row, not the message,
-    carries a long training; a lost worker leaves a stale heartbeat for reconcile."""
+def carry_out_run(run_id: int) -> None:
+    """Claim, train, register, each step in its own short transaction; a retry of a
+    lost attempt resumes from the run's checkpoint or registers its saved result."""
     with session_scope() as session:
         attempt = claim_run(session, run_id)
     if attempt is None:
@@ -420,6 +419,13 @@ def run_training(run_id: int) -> None:
     shutil.rmtree(run_folder(run_id), ignore_errors=True)  # its checkpoints served
     if run.iteration_id is not None:
         write_with_retry(lambda session: advance_iteration(session, run.iteration_id))
+
+
+@celery.task(name=RUN_TRAINING, acks_late=False, time_limit=TRAINING_TIME_LIMIT_S, **RETRY)
+def run_training(run_id: int) -> None:
+    """Acknowledged on receipt: the run row, not the message, carries a long
+    training; a lost worker leaves its run for a reclaim."""
+    carry_out_run(run_id)
 
 
 @celery.task(name=VERSION_DATASET, **RETRY)
