@@ -1,6 +1,7 @@
 """The `generation` queue: store an iteration's candidates, or an evaluation's draws,
 a batch of problems at a time."""
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -192,29 +193,41 @@ def draw_evaluation_samples(session: Session, evaluation_id: int, problem_ids: l
         store_draws(session, evaluation_id, sampling, sampling.run())
 
 
-@celery.task(name=DRAW_SAMPLES, **RETRY)
-def draw_samples(evaluation_id: int, problem_ids: list[int]) -> None:
+def _sample_then_store(
+    plan: Callable[[Session], Sampling | None],
+    store: Callable[[Session, Sampling, list[list[Sample]]], None],
+    follow_up: Callable[[Session], None],
+) -> None:
+    """Plan in one short transaction, sample with no connection held, then store
+    and send the follow-ups through `write_with_retry`: minutes of sampling
+    survive a cut connection or a database restart."""
     with session_scope() as session:
-        sampling = plan_draws(session, evaluation_id, problem_ids)
+        sampling = plan(session)
     samples = sampling.run() if sampling else []
 
-    def store(session: Session) -> None:  # minutes of sampling: retried on a cut connection
+    def write(session: Session) -> None:
         if sampling:
-            store_draws(session, evaluation_id, sampling, samples)
-        after_drawing(session, evaluation_id, problem_ids)
+            store(session, sampling, samples)
+        follow_up(session)
 
-    write_with_retry(store)
+    write_with_retry(write)
+
+
+@celery.task(name=DRAW_SAMPLES, **RETRY)
+def draw_samples(evaluation_id: int, problem_ids: list[int]) -> None:
+    _sample_then_store(
+        lambda session: plan_draws(session, evaluation_id, problem_ids),
+        lambda session, sampling, samples: store_draws(session, evaluation_id, sampling, samples),
+        lambda session: after_drawing(session, evaluation_id, problem_ids),
+    )
 
 
 @celery.task(name=GENERATE_BATCH, **RETRY)
 def generate_batch(iteration_id: int, problem_ids: list[int]) -> None:
-    with session_scope() as session:
-        sampling = plan_candidates(session, iteration_id, problem_ids)
-    samples = sampling.run() if sampling else []
-
-    def store(session: Session) -> None:  # minutes of sampling: retried on a cut connection
-        if sampling:
-            store_candidates(session, iteration_id, sampling, samples)
-        after_generation(session, iteration_id, problem_ids)
-
-    write_with_retry(store)
+    _sample_then_store(
+        lambda session: plan_candidates(session, iteration_id, problem_ids),
+        lambda session, sampling, samples: store_candidates(
+            session, iteration_id, sampling, samples
+        ),
+        lambda session: after_generation(session, iteration_id, problem_ids),
+    )
