@@ -341,7 +341,7 @@ def test_a_reclaimed_attempt_registers_nothing_and_its_retry_registers_its_weigh
     assert (done.status, done.attempt) == (RunStatus.SUCCEEDED, 2)
     version = store.scalars(select(ModelVersion).where(ModelVersion.kind == ModelKind.REWARD)).one()
     assert version.path == result["path"] and done.result_model_version_id == version.id
-    assert not training.run_folder(run.id).exists()  # checkpoints and inputs cleaned up
+    assert not training.run_folder(run).exists()  # checkpoints and inputs cleaned up
 
 
 def test_status_says_how_many_samples_repeated_a_stored_program(store, tiny_model_dir):
