@@ -131,7 +131,8 @@ def _enqueue_and_follow(kind: RunKind, wait: bool) -> None:
             bar.update(
                 task,
                 completed=row.progress,
-                description=f"{kind.value} run {run_id}: {row.status.value}",
+                description=f"{kind.value} run {run_id}: {row.status.value}"
+                + (f", resumed at step {row.resumed_from_step}" if row.resumed_from_step else ""),
             )
 
         final = follow_run(run_id, show)
@@ -232,7 +233,8 @@ def status_report() -> dict[str, Any]:
         models = {kind.value: version and version.id for kind, version in current.items()}
         runs = [
             {"id": r.id, "kind": r.kind.value, "status": r.status.value, "progress": r.progress,
-             "iteration_id": r.iteration_id, "error": r.error}
+             "iteration_id": r.iteration_id, "error": r.error, "attempt": r.attempt,
+             "resumed_from_step": r.resumed_from_step}
             for r in session.scalars(select(TrainingRun).order_by(TrainingRun.id.desc()).limit(10))
         ]  # fmt: skip
         iterations = iteration_rows(session)
@@ -268,7 +270,12 @@ def status(
     console.print(f"problems: {report['problems']}  models: {report['models']}")
     console.print("queues: " + ", ".join(f"{k}={v}" for k, v in report["queues"].items()))
     for run in report["runs"][:5]:
-        console.print(f"run {run['id']} {run['kind']} {run['status']} {run['progress']:.0%}")
+        resumed = run["resumed_from_step"]
+        console.print(
+            f"run {run['id']} {run['kind']} {run['status']} {run['progress']:.0%}"
+            + (f" (attempt {run['attempt']})" if run["attempt"] > 1 else "")
+            + (f", resumed at step {resumed}" if resumed is not None else "")
+        )
     print_report(report["iterations"])
     print_held_out(report["held_out"])
 

@@ -13,7 +13,7 @@ from sqlalchemy import and_, select
 from sqlalchemy.orm import Session
 
 from models import Candidate, Evaluation, Execution, Iteration, Score, TrainingRun
-from models.base import utcnow
+from models.base import as_utc, utcnow
 from models.db import session_scope
 from models.enums import EvaluationStatus, IterationStatus, RunStatus, Verdict
 from models.settings import get_settings
@@ -55,14 +55,14 @@ def reconcile(
     ).all():
         # Queued (or reclaimed, which stamps the heartbeat) before the stall limit
         # and still unclaimed: its message is lost.
-        if _aware(run.heartbeat_at or run.created_at) <= stalled_before:
+        if as_utc(run.heartbeat_at or run.created_at) <= stalled_before:
             send_run(session, run.id)
             counts["runs_resent"] += 1
     session.flush()
     stalled = {
         stage
         for stage, table in STAGE_ROWS.items()
-        if (last := _last_row_at(session, table)) is None or _aware(last) <= stalled_before
+        if (last := _last_row_at(session, table)) is None or as_utc(last) <= stalled_before
     }
     open_ids = session.scalars(
         select(Iteration.id)
@@ -85,11 +85,6 @@ def reconcile_store() -> dict[str, int]:
 def _last_row_at(session: Session, table: type) -> datetime | None:
     # By primary key, not created_at: newest first through the index, a row read.
     return session.scalar(select(table.created_at).order_by(table.id.desc()).limit(1))
-
-
-def _aware(moment: datetime) -> datetime:
-    # SQLite hands back naive datetimes; they were written in UTC.
-    return moment if moment.tzinfo else moment.replace(tzinfo=utcnow().tzinfo)
 
 
 def _reconcile_iteration(session: Session, iteration_id: int, stalled: set[str]) -> Counter[str]:

@@ -30,7 +30,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from models import ModelVersion, TrainingRun
-from models.base import utcnow
+from models.base import as_utc, utcnow
 from models.db import session_scope
 from models.enums import RunKind, RunStatus
 from models.repository import register_model_version
@@ -293,7 +293,7 @@ def reclaim_lost_runs(
     ).all():
         if host is not None and run.owner_host == host and not _alive(run.owner_pid):
             reason = f"worker lost: its process {host}/{run.owner_pid} is gone"
-        elif _before(run.heartbeat_at, stale_before):
+        elif as_utc(run.heartbeat_at) < stale_before:
             reason = f"worker lost: no heartbeat since {run.heartbeat_at.isoformat()}"
         else:
             continue
@@ -316,11 +316,6 @@ def _alive(pid: int | None) -> bool:
     with suppress(OSError):
         return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
     return True
-
-
-def _before(moment: Any, bound: Any) -> bool:
-    # SQLite hands back naive datetimes; they were written in UTC.
-    return (moment if moment.tzinfo else moment.replace(tzinfo=bound.tzinfo)) < bound
 
 
 @worker_ready.connect

@@ -27,6 +27,7 @@ from models import (
     Problem,
     TrainingRun,
 )
+from models.base import as_utc
 from models.db import is_connection_error, session_scope, write_with_retry
 from models.enums import ModelKind, Origin, RunKind
 from models.repository import (
@@ -68,9 +69,12 @@ log = logging.getLogger(__name__)
 TRAINING_TIME_LIMIT_S = 48 * 3600
 
 
-def run_folder(run_id: int) -> Path:
-    """A run's own folder: its frozen inputs, its checkpoints, its finished result."""
-    return get_settings().data_dir.resolve() / "runs" / f"run-{run_id}"
+def run_folder(run: TrainingRun) -> Path:
+    """A run's own folder: its frozen inputs, its checkpoints, its finished result.
+    Named by the row's id and creation time, so a new store in an old data folder
+    never picks up another store's run."""
+    stamp = as_utc(run.created_at).strftime("%Y%m%dT%H%M%S%f")
+    return get_settings().data_dir.resolve() / "runs" / f"run-{run.id}-{stamp}"
 
 
 INPUTS = "inputs.json"  # what the run trains on, read from the store once
@@ -89,10 +93,10 @@ def freeze_inputs(session: Session, run_id: int) -> None:
     """Read what the run trains on from the store, once, into its folder: every
     attempt trains on the same data in the same order, and none holds a
     connection while it trains."""
-    path = run_folder(run_id) / INPUTS
+    run = session.get(TrainingRun, run_id)
+    path = run_folder(run) / INPUTS
     if path.is_file():
         return
-    run = session.get(TrainingRun, run_id)
     reward = run.kind == RunKind.REWARD
     inputs = _reward_inputs(session, run) if reward else _policy_inputs(session, run)
     write_then_rename(path, lambda staging: staging.write_text(json.dumps(inputs)))
@@ -136,7 +140,9 @@ def train_run(run_id: int, attempt: int, progress: Callable[[float], None]) -> d
     checkpoint, and return the trained model's row. The row is kept in the run's
     folder, so an attempt whose registration failed leaves it for the next one to
     register. No transaction stays open while it trains."""
-    folder = run_folder(run_id)
+    with session_scope() as session:
+        run = session.get(TrainingRun, run_id)
+    folder = run_folder(run)
     if (folder / RESULT).is_file():
         log.info("training run %s: registering the model an earlier attempt trained", run_id)
         return json.loads((folder / RESULT).read_text())
@@ -144,7 +150,6 @@ def train_run(run_id: int, attempt: int, progress: Callable[[float], None]) -> d
     settings = get_settings()
     checkpoints = Checkpoints(folder / "checkpoints", settings.checkpoint_interval.total_seconds())
     with session_scope() as session:
-        run = session.get(TrainingRun, run_id)
         if (latest := checkpoints.latest()) is not None:
             mark_resumed(session, run_id, attempt, step_of(latest))
         if run.kind == RunKind.POLICY:
@@ -155,7 +160,7 @@ def train_run(run_id: int, attempt: int, progress: Callable[[float], None]) -> d
             [Pair(**pair) for pair in inputs["pairs"]],
             RewardConfig(**inputs["config"]),
             data_dir=settings.data_dir,
-            name=f"reward-it{run.iteration_id}-run{run_id}",
+            name=f"reward-{folder.name}",
             parent_id=inputs["parent_id"],
             progress=progress,
             checkpoints=checkpoints,
@@ -169,7 +174,7 @@ def train_run(run_id: int, attempt: int, progress: Callable[[float], None]) -> d
             prompts=[PromptSpec(**prompt) for prompt in inputs["prompts"]],
             config=PolicyConfig(**inputs["config"]),
             data_dir=settings.data_dir,
-            name=f"generator-run{run_id}",
+            name=f"generator-{folder.name}",
             iteration_id=run.iteration_id,
             progress=progress,
             tests={int(k): v for k, v in inputs["tests"].items()},
@@ -384,12 +389,12 @@ def train_policy_version(
     )
 
 
-@celery.task(name=RUN_TRAINING, acks_late=False, time_limit=TRAINING_TIME_LIMIT_S, **RETRY)
-def run_training(run_id: int) -> None:
-    """Claim, train, register. Acknowledged on receipt: the run row, not the message,
-    carries a long training; a lost worker leaves a stale heartbeat for reconcile."""
+def carry_out_run(run_id: int) -> None:
+    """Claim, train, register, each step in its own short transaction; a retry of a
+    lost attempt resumes from the run's checkpoint or registers its saved result."""
     with session_scope() as session:
         attempt = claim_run(session, run_id)
+        folder = run_folder(session.get(TrainingRun, run_id))
     if attempt is None:
         return  # another delivery took it, or it already ended
     try:
@@ -415,11 +420,18 @@ def run_training(run_id: int) -> None:
         log.exception("training run %s failed", run_id)
         with session_scope() as session:
             fail_run(session, run_id, traceback.format_exc(), attempt)
-        shutil.rmtree(run_folder(run_id), ignore_errors=True)  # a new run starts afresh
+        shutil.rmtree(folder, ignore_errors=True)  # a new run starts afresh
         return
-    shutil.rmtree(run_folder(run_id), ignore_errors=True)  # its checkpoints served
+    shutil.rmtree(folder, ignore_errors=True)  # its checkpoints served
     if run.iteration_id is not None:
         write_with_retry(lambda session: advance_iteration(session, run.iteration_id))
+
+
+@celery.task(name=RUN_TRAINING, acks_late=False, time_limit=TRAINING_TIME_LIMIT_S, **RETRY)
+def run_training(run_id: int) -> None:
+    """Acknowledged on receipt: the run row, not the message, carries a long
+    training; a lost worker leaves its run for a reclaim."""
+    carry_out_run(run_id)
 
 
 @celery.task(name=VERSION_DATASET, **RETRY)

@@ -123,6 +123,11 @@ class TrainingRunOut(BaseModel):
     progress: float
     error: str | None
     result_model_version_id: int | None
+    attempt: int = Field(description="Claims so far: each lost worker's run is claimed again.")
+    owner: str | None = Field(description="host/pid of the process training it now.")
+    resumed_from_step: int | None = Field(
+        description="The checkpoint step this attempt resumed from, if any."
+    )
     created_at: datetime
     started_at: datetime | None
     heartbeat_at: datetime | None

@@ -296,6 +296,8 @@ def test_training_trigger_is_202_then_409_while_active(client, pg_session):
     assert client.post("/training-runs", json={"kind": "policy"}).status_code == 202
     shown = client.get(f"/training-runs/{run_id}").json()
     assert shown["kind"] == "reward" and shown["progress"] == 0.0
+    # Queued, not claimed: no attempt, owner or checkpoint yet.
+    assert (shown["attempt"], shown["owner"], shown["resumed_from_step"]) == (0, None, None)
 
 
 def test_training_trigger_is_accepted_again_after_the_run_finished(client, pg_session):

@@ -40,7 +40,7 @@ def wait_for(store, read: Callable[[TrainingRun], bool], run_id: int, timeout_s:
 def checkpointed(run: TrainingRun) -> bool:
     from workers.training import run_folder
 
-    folder = run_folder(run.id) / "checkpoints"
+    folder = run_folder(run) / "checkpoints"
     return run.progress > 0.2 and any(
         (p / "complete").is_file() for p in folder.glob("checkpoint-*")
     )

@@ -341,7 +341,7 @@ def test_a_reclaimed_attempt_registers_nothing_and_its_retry_registers_its_weigh
     assert (done.status, done.attempt) == (RunStatus.SUCCEEDED, 2)
     version = store.scalars(select(ModelVersion).where(ModelVersion.kind == ModelKind.REWARD)).one()
     assert version.path == result["path"] and done.result_model_version_id == version.id
-    assert not training.run_folder(run.id).exists()  # checkpoints and inputs cleaned up
+    assert not training.run_folder(run).exists()  # checkpoints and inputs cleaned up
 
 
 def test_status_says_how_many_samples_repeated_a_stored_program(store, tiny_model_dir):
@@ -361,3 +361,39 @@ def test_status_says_how_many_samples_repeated_a_stored_program(store, tiny_mode
         assert sampled == len(problem_ids) * MUTATION.candidates  # every sample counted
         assert rows[number]["candidates"] + rows[number]["repeats"] == sampled
     assert rows[2]["repeats"] > 0  # the same references mutate into some of the same programs
+
+
+def test_connections_cut_while_a_batch_samples_cost_no_sample(
+    store, broker_url, tiny_model_dir, monkeypatch
+):
+    """Sampling holds no connection: one cut while the model samples (a database
+    restart, a failover) is met by a fresh connection at the write, and the
+    samples are stored without sampling again."""
+    from sqlalchemy import text
+
+    problem_ids = add_problems(store, 2)
+    register_reward_model(store, tiny_model_dir)
+    iteration = open_iteration(store, problem_ids, MUTATION)
+    store.commit()
+    sampled = []
+    run = generation.Sampling.run
+
+    def run_then_cut(self):
+        samples = run(self)
+        sampled.append(len(samples))
+        store.execute(
+            text(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            )
+        )
+        store.commit()
+        return samples
+
+    monkeypatch.setattr(generation.Sampling, "run", run_then_cut)
+    generation.generate_batch(iteration.id, problem_ids)
+    assert sampled == [len(problem_ids)]  # sampled once
+    store.expire_all()
+    assert sorted(store.get(Iteration, iteration.id).params["generated"]) == sorted(problem_ids)
+    assert count(store, Candidate, Candidate.iteration_id == iteration.id) > 0
+    assert queue_length(broker_url, "execution") == len(problem_ids)
