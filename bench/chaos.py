@@ -19,7 +19,8 @@ Faults, on a schedule from the chaos run's start (--seed draws the order):
 - db-restart: `pg_ctl restart`, -m immediate then -m fast (--db-restarts).
 The other faults are spread over the fault-free run's duration, halfway between
 two kills. With --aim each fault waits, up to half a kill period, for a moment
-when it hits work (its worker holds a message, or a training runs).
+when it hits work (a message in work or queued; for the training worker, a run
+with a checkpoint to resume from).
 
 Recovery, per fault:
 - progress: from the fault to the first store poll (once a second) in which any
@@ -550,7 +551,7 @@ class Chaos:
             fault.wall = time.time()
             self.inject(fault)
             if self.aim_s > 0:
-                fault.detail += "" if aimed else " (found no work to hit)"
+                fault.detail += "" if aimed else " (no aim found)"
             try:
                 fault.baseline = read_store(self.engine)[0]
             except SQLAlchemyError:  # a restart: the first reading after it is the baseline
@@ -591,11 +592,15 @@ class Chaos:
             fault.detail = f"pg_ctl restart -m {mode} ({time.monotonic() - started:.1f}s)"
 
     def _hits_work(self, name: str, runs: list[Any]) -> bool:
-        """Would the fault hit work now? A kill: its worker holds a message (or, for
-        training, a run is running); the broker: a message is queued or in work; the
-        database: a message is in work or a run is running."""
+        """Would the fault hit work now? A kill: its worker holds a message (the
+        training worker: a running run with a checkpoint); the broker: a message is
+        queued or in work; the database: a message is in work or a run is running."""
         kind, _, queue = name.partition(":")
         training = any(r.status == RunStatus.RUNNING for r in runs)
+        if name == f"kill:{TRAINING}":  # best when it has a checkpoint to resume from
+            return any(
+                r.status == RunStatus.RUNNING and self._checkpoint(r.id) is not None for r in runs
+            )
         if kind == "kill":
             held = [item[0] for item in self._in_work()]
             return any(t.startswith(f"{queue}.") for t in held) or (queue == TRAINING and training)
@@ -626,11 +631,17 @@ class Chaos:
         for r in runs:
             if r.status == RunStatus.RUNNING and r.owner_pid and _group_of(r.owner_pid) == group:
                 fault.run_id, fault.attempt = r.id, r.attempt
-                folder = Path(self.run.env["RR_DATA_DIR"]) / "runs" / f"run-{r.id}" / "checkpoints"
-                steps = [
-                    int(p.parent.name.split("-")[1]) for p in folder.glob("checkpoint-*/complete")
-                ]
-                fault.checkpoint = max(steps, default=None)
+                fault.checkpoint = self._checkpoint(r.id)
+
+    def _checkpoint(self, run_id: int) -> int | None:
+        """The step of the run's newest complete checkpoint (its folder is
+        runs/run-<id>-<created>/checkpoints/checkpoint-<step> with a `complete` marker)."""
+        runs = Path(self.run.env["RR_DATA_DIR"]) / "runs"
+        return max(
+            (int(marker.parent.name.removeprefix("checkpoint-"))
+             for marker in runs.glob(f"run-{run_id}-*/checkpoints/checkpoint-*/complete")),
+            default=None,
+        )  # fmt: skip
 
     def observe(self, now: float, counters: dict[str, float], runs: list[Any]) -> None:
         """Recovery of every fault still waiting for it, and the killed runs' retries."""
@@ -864,7 +875,7 @@ def report(clean: Outcome, chaos: Outcome, args: argparse.Namespace) -> bool:
           f"{met(worst <= RECOVERY_TARGET_S and chaos.finished)} (max {worst:.1f}s: progress, "
           f"lost work or reclaim)")  # fmt: skip
     print(f"  chaos wall time <= {WALL_RATIO_TARGET:g}x fault-free: "
-          f"{met(ratio <= WALL_RATIO_TARGET)} ({ratio:.2f}x)")  # fmt: skip
+          f"{met(ratio <= WALL_RATIO_TARGET)} ({ratio:.3f}x)")  # fmt: skip
     counts = " ".join(
         f"{k.replace('-', '_').replace(':', '_')}={v}" for k, v in sorted(kinds.items())
     )
