@@ -74,10 +74,10 @@ def reconcile(
     return {key: value for key, value in counts.items() if value}
 
 
-@celery.task(name=RECONCILE, expires=60)
+@celery.task(name=RECONCILE)
 def reconcile_store() -> dict[str, int]:
-    """The scheduled reconcile (`rewardranker beat`); an expired copy is dropped, so
-    a worker that was busy does not run a backlog of them."""
+    """The scheduled reconcile (`rewardranker beat`). Beat sends each copy with an
+    expiry of one interval, so a worker that was busy runs no backlog of them."""
     with session_scope() as session:
         return reconcile(session)
 
