@@ -6,9 +6,13 @@ RR_RECONCILE_INTERVAL), so it is cheap when nothing is lost: lost trainings are
 found by their heartbeat, and a stage's work is sent again only once that stage
 has written nothing for RR_STALL_AFTER."""
 
+import logging
 from collections import Counter
+from collections.abc import Collection
 from datetime import datetime, timedelta
+from typing import Any
 
+from celery.signals import worker_ready
 from sqlalchemy import and_, select
 from sqlalchemy.orm import Session
 
@@ -29,7 +33,9 @@ from workers.iteration import (
     send_generation,
 )
 from workers.names import RECONCILE
-from workers.runs import reclaim_lost_runs, send_run
+from workers.runs import owner, reclaim_lost_runs, send_run
+
+log = logging.getLogger(__name__)
 
 STAGE_ROWS = {"generation": Candidate, "execution": Execution, "labeling": Score}
 """The rows each short stage writes: a stage that wrote none for RR_STALL_AFTER while
@@ -41,15 +47,18 @@ def reconcile(
     *,
     stale_after: timedelta | None = None,
     stall_after: timedelta | None = None,
+    host: str | None = None,
+    stages: Collection[str] = (),
 ) -> dict[str, int]:
     """Reclaim trainings whose heartbeat is older than `stale_after`
-    (RR_RUN_STALE_AFTER), and re-enqueue the work of every stage that wrote nothing
-    for `stall_after` (RR_STALL_AFTER). Enqueuing work that is merely in flight is
-    harmless: every task re-checks the store."""
+    (RR_RUN_STALE_AFTER) or whose owner on `host` is gone, and re-enqueue the work
+    of `stages` and of every stage that wrote nothing for `stall_after`
+    (RR_STALL_AFTER). Enqueuing work that is merely in flight is harmless: every
+    task re-checks the store."""
     settings = get_settings()
     stalled_before = utcnow() - (settings.stall_after if stall_after is None else stall_after)
     counts: Counter[str] = Counter()
-    counts["runs_reclaimed"] = reclaim_lost_runs(session, stale_after=stale_after)
+    counts["runs_reclaimed"] = reclaim_lost_runs(session, stale_after=stale_after, host=host)
     for run in session.scalars(
         select(TrainingRun).where(TrainingRun.status == RunStatus.QUEUED)
     ).all():
@@ -59,7 +68,7 @@ def reconcile(
             send_run(session, run.id)
             counts["runs_resent"] += 1
     session.flush()
-    stalled = {
+    stalled = set(stages) | {
         stage
         for stage, table in STAGE_ROWS.items()
         if (last := _last_row_at(session, table)) is None or as_utc(last) <= stalled_before
@@ -74,12 +83,30 @@ def reconcile(
     return {key: value for key, value in counts.items() if value}
 
 
-@celery.task(name=RECONCILE, expires=60)
+@celery.task(name=RECONCILE)
 def reconcile_store() -> dict[str, int]:
-    """The scheduled reconcile (`rewardranker beat`); an expired copy is dropped, so
-    a worker that was busy does not run a backlog of them."""
+    """The scheduled reconcile (`rewardranker beat`). Beat sends each copy with an
+    expiry of one interval, so a worker that was busy runs no backlog of them."""
     with session_scope() as session:
         return reconcile(session)
+
+
+@worker_ready.connect
+def reconcile_on_worker_start(sender: Any, **_: Any) -> None:
+    """A worker that starts most likely replaces one that died. It reclaims at once
+    the trainings of dead workers on its host, instead of waiting for their
+    heartbeats to go stale, and re-sends its own stages' unfinished work, which the
+    dead worker may have held unacknowledged (Redis would redeliver it only after
+    its visibility timeout)."""
+    consumed = set(sender.app.amqp.queues.consume_from or ())
+    try:
+        with session_scope() as session:
+            counts = reconcile(session, host=owner()[0], stages=consumed & STAGE_ROWS.keys())
+    except Exception:  # the store is down: the scheduled reconcile will do it
+        log.warning("could not reconcile at start", exc_info=True)
+        return
+    if counts:
+        log.warning("reconciled at start: %s", counts)
 
 
 def _last_row_at(session: Session, table: type) -> datetime | None:

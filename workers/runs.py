@@ -24,7 +24,6 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from celery.signals import worker_ready
 from sqlalchemy import or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -316,17 +315,3 @@ def _alive(pid: int | None) -> bool:
     with suppress(OSError):
         return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
     return True
-
-
-@worker_ready.connect
-def reclaim_on_worker_start(**_: Any) -> None:
-    """A worker starting on a host reclaims the runs of that host's dead workers at
-    once, instead of waiting for their heartbeats to go stale."""
-    try:
-        with session_scope() as session:
-            reclaimed = reclaim_lost_runs(session, host=owner()[0])
-    except Exception:  # the store is down: the heartbeat check will reclaim them
-        log.warning("could not reclaim lost training runs at start", exc_info=True)
-        return
-    if reclaimed:
-        log.warning("reclaimed %d training run(s) of dead workers on this host", reclaimed)

@@ -21,7 +21,7 @@ from workers import runs
 from workers.processes import kill_worker, start_beat, start_worker, stop_workers
 from workers.runs import enqueue_training
 
-SLOW_REWARD = {"epochs": 3000}  # two pairs, one step an epoch: seconds of training
+SLOW_REWARD = {"epochs": 1500}  # two pairs, one step an epoch: seconds of training
 
 
 def wait_for(store, read: Callable[[TrainingRun], bool], run_id: int, timeout_s: float) -> float:
@@ -55,7 +55,7 @@ def start_slow_reward_run(store, flywheel_env) -> tuple[int, dict]:
 
 
 def assert_resumed_and_registered_once(store, run_id: int) -> None:
-    wait_for(store, lambda r: r.status == RunStatus.SUCCEEDED, run_id, timeout_s=240)
+    wait_for(store, lambda r: r.status == RunStatus.SUCCEEDED, run_id, timeout_s=600)
     run = store.get(TrainingRun, run_id)
     # The retry went on from the checkpoint: the step counter continued.
     assert run.attempt == 2 and run.resumed_from_step and run.resumed_from_step > 0
@@ -175,3 +175,39 @@ def test_the_owner_of_a_run_is_this_host_and_process(store, flywheel_env):
     )
     # Its own host's reclaim leaves a live owner alone.
     assert runs.reclaim_lost_runs(store, host=runs.owner()[0]) == 0
+
+
+def test_a_worker_starting_on_a_queue_resends_that_stages_lost_work_at_once(
+    store, flywheel_env, tmp_path, tiny_model_dir
+):
+    """The execution message a dead worker held is not redelivered by Redis before
+    its visibility timeout; a fresh execution worker re-sends it on start, well
+    before the stage would count as stalled (RR_STALL_AFTER)."""
+    import redis
+
+    from models import Candidate, Execution
+    from tests.workers.conftest import add_problems, register_reward_model
+    from workers import execution, generation
+    from workers.iteration import FlywheelParams, open_iteration
+
+    problem_ids = add_problems(store, 2)
+    register_reward_model(store, tiny_model_dir)
+    iteration = open_iteration(store, problem_ids, FlywheelParams(backend="mutation"))
+    store.commit()
+    generation.generate_batch(iteration.id, problem_ids)
+    execution.execute_problem(iteration.id, problem_ids[0])  # a recent execution row
+    redis.Redis.from_url(flywheel_env["RR_BROKER_URL"]).delete("execution")  # lost messages
+    lost = Candidate.problem_id == problem_ids[1]
+
+    worker = start_worker(["execution"], env=flywheel_env, log_path=tmp_path / "execution.log")
+    try:
+        started = time.monotonic()
+        while (
+            count(store, Execution, Execution.candidate_id.in_(select(Candidate.id).where(lost)))
+            == 0
+        ):
+            assert time.monotonic() - started < 45, "the lost execution was not re-sent at start"
+            time.sleep(0.5)
+    finally:
+        stop_workers([worker], timeout_s=10)
+    assert count(store, Execution) == count(store, Candidate)  # each once
