@@ -46,9 +46,10 @@ twice; every registered folder on disk).
         [--faults kill,broker,db-cut,db-restart] [--checkpoint-interval S]
 
 Logs and a dump of each run's rows stay in the folder it prints. The last line is
-`RESULT faults=N ... recovery_p50_s=X recovery_max_s=X lost_work_max_s=X
-reclaim_max_s=X resumed=K/N wall_ratio=X invariants=pass|fail fault_free_s=X
-chaos_s=X`; the exit status is 1 when an invariant fails or a run does not finish.
+`RESULT faults=N ... recovery_p50_s=X recovery_max_s=X lost_work_hits=N
+lost_work_p50_s=X lost_work_max_s=X reclaim_max_s=X resumed=K/N wall_ratio=X
+invariants=pass|fail fault_free_s=X chaos_s=X` (nan: nothing to measure); the exit
+status is 1 when an invariant fails or a run does not finish.
 """
 
 import argparse
@@ -829,6 +830,10 @@ def median(values: list[float]) -> float:
     return statistics.median(values) if values else float("nan")
 
 
+def highest(values: list[float]) -> float:
+    return max(values, default=float("nan"))
+
+
 def seconds(values: list[float]) -> str:
     if not values:
         return "p50 -, max -"
@@ -881,10 +886,10 @@ def report(clean: Outcome, chaos: Outcome, args: argparse.Namespace) -> bool:
     )
     print(
         f"RESULT faults={len(faults)} {counts} recovery_p50_s={median(_progress(faults)):.1f} "
-        f"recovery_max_s={max(_progress(faults), default=0.0):.1f} "
-        f"lost_work_p50_s={median(_redone(faults)):.1f} "
-        f"lost_work_max_s={max(_redone(faults), default=0.0):.1f} "
-        f"reclaim_max_s={max(reclaims, default=0.0):.1f} resumed={len(resumed)}/{len(held)} "
+        f"recovery_max_s={highest(_progress(faults)):.1f} "
+        f"lost_work_hits={sum(bool(f.lost) for f in faults)} "
+        f"lost_work_p50_s={median(_redone(faults)):.1f} lost_work_max_s={highest(_redone(faults)):.1f} "
+        f"reclaim_max_s={highest(reclaims):.1f} resumed={len(resumed)}/{len(held)} "
         f"wall_ratio={ratio:.2f} invariants={'pass' if holds else 'fail'} "
         f"fault_free_s={clean.wall_s:.1f} chaos_s={chaos.wall_s:.1f}"
     )
