@@ -30,7 +30,8 @@ Recovery, per fault:
 - lost work: what the fault hit, read from Redis (a killed worker's
   unacknowledged message; everything queued or in work for the broker; what was
   in work for the database), until the workers' task events show each item
-  finished again.
+  finished again (a training task: taken again). Copies of work that was
+  finished before the fault are counted apart: nothing needed redoing.
 - for a killed training worker that held a run: the time until the run was
   running again under its next attempt (reclaim latency), and whether that
   attempt resumed from a checkpoint (`training_runs.resumed_from_step`).
@@ -101,7 +102,7 @@ from models.enums import (  # noqa: E402
     RunStatus,
     Verdict,
 )
-from workers.names import QUEUES, RECONCILE, TRAINING  # noqa: E402
+from workers.names import QUEUES, RECONCILE, RUN_TRAINING, TRAINING  # noqa: E402
 from workers.processes import CLI, kill_worker, start_beat, start_worker, stop_workers  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -415,7 +416,8 @@ def _work(message: dict[str, Any]) -> list[tuple]:
 class TaskLog:
     """When each item of work was finished, from the workers' task events (they send
     them on a real broker): a thread listening on the broker, reconnecting after a
-    restart."""
+    restart. A training task counts once a worker takes it: from there its run row
+    carries the training (and the reclaim latency measures it)."""
 
     def __init__(self, broker_url: str):
         self.app = Celery(broker=broker_url)
@@ -432,6 +434,9 @@ class TaskLog:
         times = [t for t in self.finished.get(item, []) if t >= since - 2.0]
         return max(0.0, min(times) - since) if times else None
 
+    def finished_before(self, item: tuple, moment: float) -> bool:
+        return any(t < moment for t in self.finished.get(item, []))
+
     def _listen(self) -> None:
         handlers = {"task-received": self._on_received, "task-succeeded": self._on_succeeded}
         while not self.stopping.is_set():
@@ -443,8 +448,11 @@ class TaskLog:
                 time.sleep(0.5)
 
     def _on_received(self, event: dict[str, Any]) -> None:
-        if event.get("name") != RECONCILE:
-            self.received[event["uuid"]] = work_items(event["name"], event.get("args", "()"))
+        if event.get("name") == RECONCILE:
+            return
+        self.received[event["uuid"]] = work_items(event["name"], event.get("args", "()"))
+        if event["name"] == RUN_TRAINING:
+            self._on_succeeded(event)
 
     def _on_succeeded(self, event: dict[str, Any]) -> None:
         for item in self.received.get(event["uuid"], []):
@@ -478,6 +486,7 @@ class Fault:
     wall: float = 0.0  # epoch seconds, as the task events have it
     lost: list[tuple] = field(default_factory=list)  # work queued or in work when it struck
     redone_after: dict[tuple, float | None] = field(default_factory=dict)
+    duplicates: int = 0  # copies of work finished before it struck
 
     @property
     def work_recovery(self) -> float | None:
@@ -618,6 +627,10 @@ class Chaos:
         """After the run: when was each fault's lost work finished again?"""
         self.tasks.stop()
         for fault in self.faults:
+            # A copy of work finished before the fault (reconcile re-sends what is in
+            # flight once a stage looks stalled) needed no redoing.
+            lost = [i for i in fault.lost if not self.tasks.finished_before(i, fault.wall - 2.0)]
+            fault.duplicates, fault.lost = len(fault.lost) - len(lost), lost
             fault.redone_after = {
                 item: self.tasks.done_after(item, fault.wall) for item in fault.lost
             }
@@ -855,7 +868,8 @@ def report(clean: Outcome, chaos: Outcome, args: argparse.Namespace) -> bool:
     print("\n== recovery (p50, max)")
     print("  progress: the fault -> the next poll (1 s) in which any store counter grew")
     print("  lost work: the fault -> the last task it hit (queued, or in work unacknowledged)")
-    print("             finished again, by the workers' task events")
+    print("             finished again (a training task: taken again), by the workers' task")
+    print("             events; copies of work finished before the fault are left out")
     for label in [None, *sorted(kinds)]:
         mine = [f for f in faults if label is None or f.label == label]
         hit = [f for f in mine if f.lost]
@@ -908,6 +922,8 @@ def print_fault(f: Fault) -> None:
     """One line per fault: what it hit, and when the store moved again."""
     anyone = f"{f.recovered_after:.0f}s" if f.recovered_after is not None else "never"
     line = f"  t={f.at:6.1f}s {f.label:<16} progress after {anyone} ({', '.join(f.progress[:3])})"
+    if f.duplicates:
+        line += f"; hit {f.duplicates} copies of work already done"
     if f.lost:
         redone = [v for v in f.redone_after.values() if v is not None]
         line += (f"; hit {len(f.lost)} tasks' work, finished again after "
