@@ -1,11 +1,11 @@
 """Resumable training: checkpoints that are used only when written to the end.
 
-A training saves into `Checkpoints.folder` at most every `every_s` seconds (and
-every `every_steps` steps when set). Each checkpoint is a `checkpoint-<step>`
-folder with a `complete` marker written last, so a worker killed mid-save leaves
-a folder that `latest()` ignores. TRL's trainers save and resume themselves
-(`resume_from_checkpoint`); `callback()` makes them save on this schedule and
-mark what they saved. Our own loops save with `save()`.
+A training saves into `Checkpoints.folder` at most every `every_s` seconds. Each
+checkpoint is a `checkpoint-<step>` folder with a `complete` marker written last,
+so a worker killed mid-save leaves a folder that `latest()` ignores. TRL's
+trainers save and resume themselves (`resume_from_checkpoint`); `callback()`
+makes them save on this schedule and mark what they saved. Our own loops save
+with `save()`.
 """
 
 import shutil
@@ -31,12 +31,9 @@ class Checkpoints:
 
     folder: Path
     every_s: float = 60.0
-    every_steps: int = 0  # 0: by time alone
     _last_save: float = field(default_factory=time.monotonic, init=False, repr=False)
 
-    def due(self, step: int) -> bool:
-        if self.every_steps and step % self.every_steps == 0:
-            return True
+    def due(self) -> bool:
         return time.monotonic() - self._last_save >= self.every_s
 
     def latest(self) -> Path | None:
@@ -79,7 +76,7 @@ class _SaveWhenDue(TrainerCallback):
         self.checkpoints = checkpoints
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.checkpoints.due(state.global_step) and state.global_step < state.max_steps:
+        if self.checkpoints.due() and state.global_step < state.max_steps:
             control.should_save = True
         return control
 
@@ -94,8 +91,8 @@ class _SaveWhenDue(TrainerCallback):
 
 
 def save_args(checkpoints: Checkpoints | None) -> dict[str, Any]:
-    """TrainingArguments for a trainer that saves on `checkpoints`' schedule (its
-    callback adds the time-based saves), or never."""
+    """TrainingArguments for a trainer that saves when `checkpoints`' callback says
+    (never by step count), or never."""
     if checkpoints is None:
         return {"save_strategy": "no"}  # the only save is the final model, by the caller
-    return {"save_strategy": "steps", "save_steps": checkpoints.every_steps or 10**9}
+    return {"save_strategy": "steps", "save_steps": 10**9}

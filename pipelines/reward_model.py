@@ -660,7 +660,7 @@ def _train_top_layers(
         losses.append(loss.item())
         if progress:
             progress(len(losses) / total_steps)
-        if checkpoints and len(losses) < total_steps and checkpoints.due(len(losses)):
+        if checkpoints and len(losses) < total_steps and checkpoints.due():
             state = {
                 "modules": [module.state_dict() for module in trainable],
                 "optimizer": optimizer.state_dict(),
