@@ -317,6 +317,11 @@ def deployment(name: str, cluster: Cluster, base: Path, work: Work) -> Iterator[
         yield run
     finally:
         run.stop()
+        # The store as the run left it, also when it was interrupted: the evidence.
+        engine = make_engine(env["RR_DATABASE_URL"])
+        with suppress(SQLAlchemyError):
+            dump_store(engine, run.logs / "store.json")
+        engine.dispose()
 
 
 def wait_ready(run: Deployment, timeout_s: float = 180) -> None:
@@ -760,7 +765,6 @@ def run_once(
     engine = make_engine(run.env["RR_DATABASE_URL"])  # the workers are stopped now
     try:
         checks = invariants(engine, work.iterations)
-        dump_store(engine, run.logs / "store.json")
     finally:
         engine.dispose()
     state = "finished" if finished else f"did NOT finish (timeout {work.timeout_s:.0f}s)"
