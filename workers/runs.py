@@ -101,14 +101,12 @@ class Heartbeat:
         self._last = 0.0
 
     def __call__(self, fraction: float) -> None:
-        if self.lost.is_set():
-            raise RunLost(f"training run {self.run_id} attempt {self.attempt} was reclaimed")
         now = time.monotonic()
-        if now - self._last >= 1.0 or fraction >= 1.0:
+        if not self.lost.is_set() and (now - self._last >= 1.0 or fraction >= 1.0):
             self._last = now
             self._beat(fraction)
-            if self.lost.is_set():
-                raise RunLost(f"training run {self.run_id} attempt {self.attempt} was reclaimed")
+        if self.lost.is_set():
+            raise RunLost(f"training run {self.run_id} attempt {self.attempt} was reclaimed")
 
     def __enter__(self) -> "Heartbeat":
         self._thread = threading.Thread(
