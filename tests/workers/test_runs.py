@@ -105,7 +105,12 @@ def test_the_scheduled_reconcile_reclaims_a_run_within_the_heartbeat_limit(
         assert "no heartbeat" in lost.error and lost.attempt == 1
         # Within the limit: 3 s stale after the last beat, on a 1 s schedule.
         assert seconds < 30, f"reclaimed after {seconds:.0f}s"
-        assert queue_length(env["RR_BROKER_URL"], "training") >= 1  # its retry is on its way
+        # Its retry is on its way: the message is sent just after the commit that
+        # queued the run, so it may land a moment after the status is seen.
+        deadline = time.monotonic() + 10
+        while queue_length(env["RR_BROKER_URL"], "training") < 1 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert queue_length(env["RR_BROKER_URL"], "training") >= 1
 
         others.append(start_worker(["training"], env=env, log_path=tmp_path / "again.log"))
         assert_resumed_and_registered_once(store, run_id)
