@@ -36,6 +36,7 @@ from models.db import session_scope
 from models.enums import EvaluationStatus, IterationStatus, ModelKind, RunKind, RunStatus
 from models.repository import current_model, iteration_summaries, problem_progress
 from models.settings import get_settings
+from pipelines.evaluation import change_text
 from workers.iteration import FlywheelParams, blocked_reason, iteration_to_follow
 from workers.names import QUEUES
 from workers.reconcile import reconcile
@@ -324,7 +325,9 @@ def print_held_out(table: dict[str, Any]) -> None:
         cells = [interval_text(row["cells"][column]) for column in table["columns"]]
         shown.add_row("base" if number == 0 else f"after iter {number}", label, *cells)
     console.print(shown)
-    console.print(table["verdict"])
+    for change in table["changes"][:-1]:  # the last one is the verdict's
+        console.print(change_text(change), markup=False)
+    console.print(table["verdict"], markup=False)
 
 
 def _abbrev(verdict: str) -> str:

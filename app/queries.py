@@ -575,9 +575,10 @@ def held_out_table(session: Session) -> dict[str, Any]:
     from pipelines.evaluation import paper_table
 
     evaluations = session.scalars(select(Evaluation).order_by(Evaluation.number)).all()
-    done = [(e.number, e.metrics) for e in evaluations if e.status == EvaluationStatus.DONE]
+    done = [e for e in evaluations if e.status == EvaluationStatus.DONE]
+    draws = {e.number: _draws_by_problem(session, e) for e in {*done[:1], *done[-1:]}}
     return {
-        **paper_table(done),
+        **paper_table([(e.number, e.metrics) for e in done], draws),
         "evaluations": [
             {
                 "number": e.number,
@@ -591,6 +592,14 @@ def held_out_table(session: Session) -> dict[str, Any]:
             for e in evaluations
         ],
     }
+
+
+def _draws_by_problem(session: Session, evaluation: Evaluation) -> dict[int, list]:
+    """An evaluation's judged draws as `(score, passed)` by problem; unscored last."""
+    draws: dict[int, list[tuple[float, bool]]] = {}
+    for _, problem_id, score, passed in repository.evaluation_draws(session, evaluation):
+        draws.setdefault(problem_id, []).append((float("-inf") if score is None else score, passed))
+    return draws
 
 
 def iteration_detail(session: Session, number: int) -> dict[str, Any] | None:

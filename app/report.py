@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session
 
 from app import queries
 from models.enums import Verdict
+from pipelines.evaluation import change_text
 
 
 def _png(figure: Figure) -> bytes:
@@ -204,7 +205,8 @@ def _held_out_lines(table: dict[str, Any]) -> list[str]:
         cells = [queries.interval_text(row["cells"][column]) for column in table["columns"]]
         name = "base" if row["evaluation"] == 0 else f"after iteration {row['evaluation']}"
         lines.append(f"| {name} | {row['row']} | " + " | ".join(cells) + " |")
-    return [*lines, "", table["verdict"]]
+    changes = [f"- {change_text(change)}" for change in table["changes"][:-1]]
+    return [*lines, "", *changes, "", table["verdict"]]
 
 
 def write_report(session: Session, out_dir: Path) -> Path:

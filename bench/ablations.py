@@ -38,6 +38,7 @@ from bench.reward import (  # noqa: E402
     fmt,
     load,
     mutation_candidates,
+    paired_text,
     rerank,
     train_pairs,
 )
@@ -124,11 +125,11 @@ def evaluate(
     started = time.perf_counter()
     train_reward_model(pairs, config, folder)
     train_s = time.perf_counter() - started
-    metrics, _ = rerank(RewardScorer(folder), held_out)
+    metrics, _, picks = rerank(RewardScorer(folder), held_out)
     row = {"run": name, "pairs": len(pairs), "train_s": round(train_s), "load": load()}
     row |= {k: v.as_dict() if hasattr(v, "as_dict") else v for k, v in metrics.items()}
     print(json.dumps(row), flush=True)
-    return row, folder
+    return row | {"picks": picks}, folder
 
 
 def copy_pool(problems: list[dict]) -> list[dict]:
@@ -195,11 +196,23 @@ def main() -> None:
             f"| {fmt(row['reranked_pass1'])} | {fmt(row['gap_closed'])} "
             f"| {fmt(row['pairwise_accuracy'])} | {fmt(row['roc_auc'])} |"
         )
+    # 4. The questions, each a paired change of reranked pass@1 over the same problems.
+    first, hard, random_, third = rows
+    questions = [
+        ("hard_vs_random", "hard - random negatives, iteration 2", random_, hard),
+        ("iteration2_vs_1", "iteration 2 (hard) - iteration 1", first, hard),
+        ("iteration3_vs_2", "iteration 3 - iteration 2 (hard)", hard, third),
+        ("iteration3_vs_1", "iteration 3 - iteration 1", first, third),
+    ]
+    print("\n| question (reranked pass@1, paired) | change | verdict |\n|---|---|---|")
+    result = {}
+    for key, name, before, after in questions:
+        line, result[key] = paired_text(name, before["picks"], after["picks"])
+        print(line)
     print(
         f"\nheld out: {rows[0]['problems']} problems; random pass@1 {fmt(rows[0]['generator_pass1'])}, "
         f"oracle {fmt(rows[0]['oracle_pass_n'])}"
     )
-    result = {}
     for row in rows:
         key = row["run"].replace("-", "_")
         gap = row["gap_closed"] or {"value": float("nan")}

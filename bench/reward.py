@@ -42,11 +42,17 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from models.problem import split_for  # noqa: E402
 from models.settings import BUNDLED_MODEL  # noqa: E402
-from pipelines.evaluation import held_out_metrics  # noqa: E402
+from pipelines.evaluation import (  # noqa: E402
+    change_verdict,
+    held_out_metrics,
+    paired_change,
+    per_problem_pass1,
+)
 from pipelines.loading import save_tiny_llama  # noqa: E402
 from pipelines.pairs import Pair  # noqa: E402
 from pipelines.reward_model import RewardConfig, RewardScorer, train_reward_model  # noqa: E402
@@ -128,15 +134,26 @@ def train_pairs(problems: list[dict], per_problem: int = 32) -> list[Pair]:
     return pairs
 
 
-def rerank(scorer: RewardScorer, problems: list[dict]) -> tuple[dict, float]:
-    """held_out_metrics over the problems' candidates, and the scoring seconds."""
+def rerank(scorer: RewardScorer, problems: list[dict]) -> tuple[dict, float, np.ndarray]:
+    """held_out_metrics over the problems' candidates, the scoring seconds, and
+    per problem whether the top pick passes (for paired comparisons)."""
     prompts = [p["prompt"] for p in problems for _ in p["codes"]]
     codes = [code for p in problems for code in p["codes"]]
     started = time.perf_counter()
     scores = iter(scorer.score(prompts, codes))
     seconds = time.perf_counter() - started
     groups = [[(next(scores), ok) for ok in p["passed"]] for p in problems]
-    return held_out_metrics(groups), seconds
+    return held_out_metrics(groups), seconds, per_problem_pass1(groups)["reranked_pass1"]
+
+
+def paired_text(name: str, before: np.ndarray, after: np.ndarray) -> tuple[str, float]:
+    """A table line for the paired change of reranked pass@1, and its value."""
+    change = paired_change(before, after)
+    line = (
+        f"| {name} | {change.value:+.3f} [{change.low:+.3f}, {change.high:+.3f}] "
+        f"| {change_verdict(change)} |"
+    )
+    return line, change.value
 
 
 def run_option(name: str, backbone: str, pairs: list[Pair], held_out: list[dict], args) -> dict:
@@ -155,7 +172,7 @@ def run_option(name: str, backbone: str, pairs: list[Pair], held_out: list[dict]
     started = time.perf_counter()
     trained = train_reward_model(used, config, folder)
     train_s = time.perf_counter() - started
-    metrics, score_s = rerank(RewardScorer(folder, batch_size=16), held_out)
+    metrics, score_s, picks = rerank(RewardScorer(folder, batch_size=16), held_out)
     row = {
         "option": name,
         "config": {k: v for k, v in asdict(resolved).items() if k != "backbone"},
@@ -169,7 +186,7 @@ def run_option(name: str, backbone: str, pairs: list[Pair], held_out: list[dict]
         **{k: v.as_dict() if hasattr(v, "as_dict") else v for k, v in metrics.items()},
     }
     print(json.dumps(row), flush=True)
-    return row
+    return row | {"picks": picks}
 
 
 def fmt(estimate: dict | None) -> str:
@@ -252,6 +269,12 @@ def main() -> None:
             f"| {fmt(row['pairwise_accuracy'])} | {fmt(row['roc_auc'])} |"
         )
     first = rows[0]
+    if len(rows) > 1:
+        print("\n| reranked pass@1, paired over the same problems | change | verdict |")
+        print("|---|---|---|")
+    for row in rows[1:]:
+        line, _ = paired_text(f"{row['option']} - {first['option']}", first["picks"], row["picks"])
+        print(line)
     print(
         f"\nheld out: {first['problems']} problems, {first['samples']} candidates; random pass@1 "
         f"{fmt(first['generator_pass1'])}, oracle pass@{args.n} {fmt(first['oracle_pass_n'])}"

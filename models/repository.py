@@ -22,6 +22,7 @@ from sqlalchemy.orm import Session
 from models.candidate import Candidate, Execution, HardNegativeLabel, Score
 from models.enums import ModelKind, ModelStatus, RunKind, RunStatus, Verdict
 from models.evaluation import Evaluation, EvaluationSample
+from models.problem import Problem
 from models.training import DatasetVersion, Iteration, ModelVersion, TrainingRun
 
 # SQLite allows 32766 bound parameters per statement; an execution binds 11.
@@ -383,6 +384,32 @@ def evaluation_progress(session: Session, evaluation: Evaluation) -> dict[str, i
             .where(drawn, Score.reward_model_version_id == evaluation.reward_model_version_id)
         ),
     }
+
+
+def evaluation_draws(session: Session, evaluation: Evaluation) -> list[Row]:
+    """(language, problem_id, score, passed) of each judged draw of an evaluation,
+    scored by its reward model (score None where it has none yet); SANDBOX_ERROR
+    draws are left out: the sandbox failed, not the program."""
+    return session.execute(
+        select(
+            Problem.language,
+            EvaluationSample.problem_id,
+            Score.score,
+            (Execution.verdict == Verdict.OK).label("passed"),
+        )
+        .join(Problem, Problem.id == EvaluationSample.problem_id)
+        .join(Execution, Execution.candidate_id == EvaluationSample.candidate_id)
+        .outerjoin(
+            Score,
+            (Score.candidate_id == EvaluationSample.candidate_id)
+            & (Score.reward_model_version_id == evaluation.reward_model_version_id),
+        )
+        .where(
+            EvaluationSample.evaluation_id == evaluation.id,
+            Execution.verdict != Verdict.SANDBOX_ERROR,
+        )
+        .order_by(EvaluationSample.problem_id, EvaluationSample.sample_index)
+    ).all()
 
 
 def is_collected(progress: dict[str, int]) -> bool:

@@ -7,7 +7,7 @@ the gap from the first to the last.
 """
 
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -78,8 +78,47 @@ class Estimate:
     def as_dict(self) -> dict[str, float]:
         return {"value": self.value, "low": self.low, "high": self.high}
 
-    def overlaps(self, other: "Estimate") -> bool:
-        return self.low <= other.high and other.low <= self.high
+
+def per_problem_pass1(groups: Sequence[Sequence[tuple[float, bool]]]) -> dict[str, np.ndarray]:
+    """Per problem: `generator_pass1` (the share of its samples that pass) and
+    `reranked_pass1` (whether the reward model's top pick passes)."""
+    return {
+        "generator_pass1": np.array([sum(p for _, p in group) / len(group) for group in groups]),
+        "reranked_pass1": np.array([_reranked_pass(group) for group in groups]),
+    }
+
+
+def paired_change(
+    before: Sequence[float],
+    after: Sequence[float],
+    *,
+    resamples: int = 1000,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> Estimate:
+    """The mean over problems of `after - before`, two figures of the same problems,
+    with a paired percentile-bootstrap interval (each resample draws problems, and
+    takes both figures of each). Pairing cancels how hard each problem is, which
+    two separate intervals carry in full: their overlap can hide a real change."""
+    if not len(before) or len(before) != len(after):
+        raise ValueError(
+            f"paired_change needs one figure per problem each: {len(before)}, {len(after)}"
+        )
+    difference = np.asarray(after, dtype=float) - np.asarray(before, dtype=float)
+    rng = np.random.default_rng(seed)
+    means = difference[rng.integers(0, len(difference), (resamples, len(difference)))].mean(axis=1)
+    tail = (1.0 - confidence) / 2 * 100
+    low, high = np.percentile(means, [tail, 100 - tail])
+    return Estimate(float(difference.mean()), float(low), float(high))
+
+
+def change_verdict(change: Estimate) -> str:
+    """`better` or `worse` when the interval of a change excludes 0, else `within noise`."""
+    if change.low > 0:
+        return "better"
+    if change.high < 0:
+        return "worse"
+    return "within noise"
 
 
 def _pair_counts(group: Sequence[tuple[float, bool]]) -> tuple[float, int]:
@@ -134,9 +173,7 @@ def held_out_metrics(
     if not groups or any(not group for group in groups):
         raise ValueError("held_out_metrics needs at least one problem, each with a sample")
     counts = [(len(group), sum(passed for _, passed in group)) for group in groups]
-    per_problem = {
-        "generator_pass1": np.array([c / n for n, c in counts]),
-        "reranked_pass1": np.array([_reranked_pass(group) for group in groups]),
+    per_problem = per_problem_pass1(groups) | {
         "oracle_pass_n": np.array([float(c > 0) for _, c in counts]),
     }
     smallest_n = min(n for n, _ in counts)
@@ -204,16 +241,23 @@ def evaluation_report(
 
 TABLE_FIGURES = (("generator", "generator_pass1"), ("reranked", "reranked_pass1"))
 
+Draws = Mapping[int, Sequence[tuple[float, bool]]]
+"""One evaluation's draws: per held-out problem id, its `(score, passed)` samples."""
 
-def paper_table(evaluations: Sequence[tuple[int, dict[str, dict[str, Any]]]]) -> dict[str, Any]:
-    """The paper's Table 1 from stored `evaluation_report`s, in evaluation order.
+
+def paper_table(
+    evaluations: Sequence[tuple[int, dict[str, dict[str, Any]]]],
+    draws: Mapping[int, Draws],
+) -> dict[str, Any]:
+    """The paper's Table 1 from stored `evaluation_report`s, in evaluation order,
+    and what changed between the first and the last (`evaluation_changes`, from
+    `draws` by evaluation number).
 
     Rows are `generator` (pass@1 of one sample) and `reranked` (best-of-N) for
     each evaluation (0: the base generator with the warm-start reward model;
     N: the models iteration N left). Columns are the languages and `all`. The
-    verdict compares the last evaluation's reranked pass@1 with the baseline's
-    generator alone over all problems: overlapping 95% intervals mean the
-    change is within noise.
+    verdict is the last change's: the last evaluation's reranked pass@1 against
+    the baseline's generator alone.
     """
     columns = sorted({language for _, report in evaluations for language in report} - {"all"})
     columns.append("all")
@@ -226,26 +270,70 @@ def paper_table(evaluations: Sequence[tuple[int, dict[str, dict[str, Any]]]]) ->
         for number, report in evaluations
         for label, figure in TABLE_FIGURES
     ]
-    return {"columns": columns, "rows": rows, "verdict": _table_verdict(evaluations)}
-
-
-def _table_verdict(evaluations: Sequence[tuple[int, dict[str, dict[str, Any]]]]) -> str:
     if not evaluations:
-        return "no evaluation yet"
-    first_number, first = evaluations[0]
-    last_number, last = evaluations[-1]
-    base = Estimate(**first["all"]["generator_pass1"])
-    best = Estimate(**last["all"]["reranked_pass1"])
-    change = (
-        f"reranked pass@1 after evaluation {last_number} {best.value:.3f} "
-        f"[{best.low:.3f}, {best.high:.3f}] against the generator alone at evaluation "
-        f"{first_number} {base.value:.3f} [{base.low:.3f}, {base.high:.3f}], "
-        f"{first['all']['problems']} held-out problems"
+        return {"columns": columns, "rows": rows, "changes": [], "verdict": "no evaluation yet"}
+    first, last = evaluations[0][0], evaluations[-1][0]
+    changes = evaluation_changes((first, draws[first]), (last, draws[last]))
+    verdict = _table_verdict(changes)
+    return {"columns": columns, "rows": rows, "changes": changes, "verdict": verdict}
+
+
+def evaluation_changes(first: tuple[int, Draws], last: tuple[int, Draws]) -> list[dict[str, Any]]:
+    """pass@1 changes over the held-out problems both evaluations drew, each a
+    `paired_change` with its verdict: reranking at the first evaluation and, when
+    the last is another one, the generator alone, the reranked pick (the
+    flywheel's own effect, reranking held constant), and reranked at the last
+    against the generator alone at the first (the paper's claim)."""
+    (first_number, before), (last_number, after) = first, last
+    shared = sorted(before.keys() & after.keys())
+    if not shared:
+        return []
+    was = per_problem_pass1([before[problem] for problem in shared])
+    now = per_problem_pass1([after[problem] for problem in shared])
+    compared = [
+        ("reranking", f"reranked against the generator alone at evaluation {first_number}",
+         was["generator_pass1"], was["reranked_pass1"]),
+    ]  # fmt: skip
+    if last_number != first_number:
+        compared += [
+            ("generator", f"the generator alone at evaluation {last_number} against "
+             f"{first_number}", was["generator_pass1"], now["generator_pass1"]),
+            ("flywheel", f"reranked at evaluation {last_number} against {first_number}",
+             was["reranked_pass1"], now["reranked_pass1"]),
+            ("overall", f"reranked at evaluation {last_number} against the generator alone "
+             f"at evaluation {first_number}", was["generator_pass1"], now["reranked_pass1"]),
+        ]  # fmt: skip
+    changes = []
+    for name, description, from_figure, to_figure in compared:
+        change = paired_change(from_figure, to_figure)
+        changes.append(
+            {
+                "change": name,
+                "description": description,
+                "problems": len(shared),
+                "difference": change.as_dict(),
+                "verdict": change_verdict(change),
+            }
+        )
+    return changes
+
+
+def change_text(change: dict[str, Any]) -> str:
+    """`within noise: reranked at ... +0.012 [-0.010, +0.035]`."""
+    difference = change["difference"]
+    return (
+        f"{change['verdict']}: {change['description']} {difference['value']:+.3f} "
+        f"[{difference['low']:+.3f}, {difference['high']:+.3f}]"
     )
-    if best.overlaps(base):
-        return f"within noise: {change}; the 95% intervals overlap"
-    direction = "better" if best.value > base.value else "worse"
-    return f"{direction}: {change}; the 95% intervals do not overlap"
+
+
+def _table_verdict(changes: Sequence[dict[str, Any]]) -> str:
+    if not changes:
+        return "no held-out problem drawn by both the first and the last evaluation"
+    return (
+        f"{change_text(changes[-1])} (pass@1, paired over the same {changes[-1]['problems']} "
+        "held-out problems, 95% bootstrap interval of the difference)"
+    )
 
 
 class Generator(Protocol):

@@ -33,7 +33,13 @@ from models import (
 )
 from models.base import utcnow
 from models.enums import EvaluationStatus, RunKind, RunStatus, Split, Verdict
-from models.repository import evaluation_progress, insert_evaluation, is_collected, lock_row
+from models.repository import (
+    evaluation_draws,
+    evaluation_progress,
+    insert_evaluation,
+    is_collected,
+    lock_row,
+)
 from models.settings import get_settings
 from pipelines.evaluation import evaluation_report
 
@@ -159,26 +165,10 @@ def _its_score(evaluation: Evaluation) -> ColumnElement[bool]:
 
 
 def evaluation_metrics(session: Session, evaluation: Evaluation) -> dict[str, Any]:
-    """`evaluation_report` over every draw (SANDBOX_ERROR draws left out: the sandbox
-    failed, not the program)."""
-    rows = session.execute(
-        select(Problem.language, EvaluationSample.problem_id, Execution.verdict, Score.score)
-        .join(Problem, Problem.id == EvaluationSample.problem_id)
-        .join(Execution, Execution.candidate_id == EvaluationSample.candidate_id)
-        .outerjoin(Score, _its_score(evaluation))
-        .where(
-            EvaluationSample.evaluation_id == evaluation.id,
-            Execution.verdict != Verdict.SANDBOX_ERROR,
-        )
-    ).all()
+    """`evaluation_report` over every judged draw; an unscored one ranks last."""
     return evaluation_report(
-        (
-            language.value,
-            problem_id,
-            float("-inf") if score is None else score,
-            verdict == Verdict.OK,
-        )
-        for language, problem_id, verdict, score in rows
+        (language.value, problem_id, float("-inf") if score is None else score, passed)
+        for language, problem_id, score, passed in evaluation_draws(session, evaluation)
     )
 
 

@@ -8,16 +8,24 @@ from dataclasses import dataclass
 
 import pytest
 from fastapi.testclient import TestClient
+from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from app.api import create_app
 from app.api.deps import stream_session, transactions, write_session
-from models import DatasetVersion, Evaluation, HardNegativeLabel, Iteration, Score
-from models.enums import EvaluationStatus, Language, ModelKind, Origin, Verdict
+from models import (
+    DatasetVersion,
+    Evaluation,
+    EvaluationSample,
+    HardNegativeLabel,
+    Iteration,
+    Score,
+)
+from models.enums import EvaluationStatus, Language, ModelKind, Origin, Split, Verdict
 from models.settings import Settings
-from pipelines.evaluation import evaluation_report
 from tests.factories import make_candidate, make_model_version, make_problem
+from workers.evaluation import evaluation_metrics
 
 
 @dataclass
@@ -136,25 +144,6 @@ def seed_store(session: Session) -> Seeded:
         origin=Origin.MUTATION,
         code="int add(int a, int b) { return a + b; }",
     )
-    # Two finished evaluations on 4 held-out problems x 4 draws: the baseline
-    # reranks no better than chance, evaluation 1 puts the passing draw first.
-    for number, reranks in ((0, False), (1, True)):
-        draws = [
-            ("python", problem, (1.0 if passed else 0.0) if reranks else 0.5, passed)
-            for problem in range(4)
-            for passed in (problem % 2 == 0, False, False, False)
-        ]
-        session.add(
-            Evaluation(
-                number=number,
-                iteration_id=first.id,
-                generator_version_id=generator.id,
-                reward_model_version_id=reward.id if reranks else old_reward.id,
-                status=EvaluationStatus.DONE,
-                params={"samples": 4, "problem_ids": [1, 2, 3, 4]},
-                metrics=evaluation_report(draws, resamples=200),
-            )
-        )
     session.flush()
     return Seeded(
         python_problem.id,
@@ -167,6 +156,52 @@ def seed_store(session: Session) -> Seeded:
         hard_negative,
         cpp.id,
     )
+
+
+def seed_held_out(session: Session, seeded: Seeded) -> None:
+    """Two finished evaluations of the seeded models on held-out problems, with
+    their draws: what the paper's table reads."""
+    first_iteration = session.scalar(select(Iteration.id).where(Iteration.number == 1))
+    # 4 held-out problems x 4 draws of 2 programs (the first passes on even
+    # problems): the baseline's reward model ties every draw, the next one puts
+    # the first program first.
+    held_out = [
+        make_problem(session, task_id=f"api/held-out-{k}", split=Split.EVAL) for k in range(4)
+    ]
+    first_verdicts = (Verdict.OK, Verdict.WRONG_ANSWER) * 2
+    programs = [
+        [
+            make_candidate(session, problem=problem, origin=Origin.EVALUATION, verdict=verdict)
+            for verdict in (first_verdict, Verdict.WRONG_ANSWER)
+        ]
+        for problem, first_verdict in zip(held_out, first_verdicts, strict=True)
+    ]
+    for number, model, scores in (
+        (0, seeded.old_reward, (0.5, 0.5)),
+        (1, seeded.reward, (1.0, 0.0)),
+    ):
+        evaluation = Evaluation(
+            number=number,
+            iteration_id=first_iteration,
+            generator_version_id=seeded.generator,
+            reward_model_version_id=model,
+            status=EvaluationStatus.DONE,
+            params={"samples": 4, "problem_ids": [problem.id for problem in held_out]},
+        )
+        session.add(evaluation)
+        session.flush()
+        for problem, pair in zip(held_out, programs, strict=True):
+            session.add_all(
+                Score(candidate_id=candidate.id, reward_model_version_id=model, score=score)
+                for candidate, score in zip(pair, scores, strict=True)
+            )
+            session.add_all(
+                EvaluationSample(evaluation_id=evaluation.id, problem_id=problem.id,
+                                 sample_index=index, candidate_id=pair[min(index, 1)].id)
+                for index in range(4)
+            )  # fmt: skip
+        session.flush()
+        evaluation.metrics = evaluation_metrics(session, evaluation)
 
 
 def serve_session(app, session: Session) -> None:

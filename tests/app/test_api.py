@@ -10,7 +10,7 @@ from app.api import create_app
 from models import TrainingRun
 from models.enums import RunKind, RunStatus
 from models.settings import Settings
-from tests.app.conftest import serve_session
+from tests.app.conftest import seed_held_out, serve_session
 
 
 def all_pages(client: TestClient, **params) -> list[dict]:
@@ -276,6 +276,25 @@ def test_iterations_and_models(client, seeded):
     assert [m["name"] for m in client.get("/models", params={"kind": "generator"}).json()] == [
         "gen-v1"
     ]
+
+
+def test_evaluations_show_the_table_and_each_change_paired_over_the_same_problems(
+    client, seeded, pg_session
+):
+    seed_held_out(pg_session, seeded)
+    body = client.get("/evaluations").json()
+    assert [(row["evaluation"], row["row"]) for row in body["rows"]] == [
+        (0, "generator"), (0, "reranked"), (1, "generator"), (1, "reranked"),
+    ]  # fmt: skip
+    changes = {change["change"]: change for change in body["changes"]}
+    assert list(changes) == ["reranking", "generator", "flywheel", "overall"]
+    # The same draws both times: the generator did not change. Evaluation 0's
+    # reward model tied every draw (a random pick, 0.125); evaluation 1's picks the
+    # passing draw on both problems that have one (0.5).
+    assert changes["generator"]["difference"] == {"value": 0.0, "low": 0.0, "high": 0.0}
+    assert changes["flywheel"]["difference"]["value"] == pytest.approx(0.375)
+    assert all(change["problems"] == 4 for change in changes.values())
+    assert body["verdict"].startswith("within noise: reranked at evaluation 1 against")
 
 
 # --- training runs ----------------------------------------------------------

@@ -2,15 +2,18 @@ import json
 import math
 from fractions import Fraction
 
+import numpy as np
 import pytest
 
 from models import Iteration, Score
 from models.enums import Language, Origin, Verdict
 from pipelines.evaluation import (
     Estimate,
+    change_verdict,
     evaluate_iteration,
     evaluation_report,
     held_out_metrics,
+    paired_change,
     paper_table,
     pass_at_k,
     rerank_metrics,
@@ -283,9 +286,28 @@ def test_figures_with_nothing_to_compare_are_none():
         held_out_metrics([])
 
 
-def test_estimates_overlap_only_when_their_intervals_meet():
-    assert Estimate(0.5, 0.4, 0.6).overlaps(Estimate(0.7, 0.55, 0.8))
-    assert not Estimate(0.5, 0.4, 0.6).overlaps(Estimate(0.7, 0.65, 0.8))
+def test_a_paired_change_sees_what_two_overlapping_intervals_hide():
+    # 80 problems of every difficulty; the later model solves 1 more sample in 8
+    # on a third of them, and never fewer.
+    rng = np.random.default_rng(1)
+    before = rng.integers(0, 9, 80) / 8
+    after = np.minimum(1.0, before + (np.arange(80) % 3 == 0) / 8)
+    change = paired_change(before, after, resamples=500)
+    assert change.value == pytest.approx((after - before).mean())
+    assert 0 < change.low <= change.value <= change.high
+    assert change_verdict(change) == "better"
+    # The same figures as two separate intervals: they overlap.
+    separate = [
+        held_out_metrics([[(0.0, k < 8 * x) for k in range(8)] for x in figure], resamples=500)
+        for figure in (before, after)
+    ]
+    first, second = (figures["generator_pass1"] for figures in separate)
+    assert first.high >= second.low
+
+    assert change_verdict(paired_change(after, before)) == "worse"
+    assert change_verdict(paired_change(before, np.roll(before, 1))) == "within noise"
+    with pytest.raises(ValueError, match="one figure per problem"):
+        paired_change(before, after[:-1])
 
 
 def test_evaluation_report_splits_by_language_and_pools_all():
@@ -307,19 +329,26 @@ def test_evaluation_report_splits_by_language_and_pools_all():
     json.dumps(report)  # stored on the evaluation row as it is
 
 
-def test_paper_table_rows_columns_and_verdict():
+def test_paper_table_rows_columns_and_the_paired_changes():
     def report(generator, reranked):
-        figure = lambda value, width: {"value": value, "low": value - width, "high": value + width}  # noqa: E731
+        figure = lambda value: {"value": value, "low": value - 0.05, "high": value + 0.05}  # noqa: E731
         return {
-            language: {
-                "problems": 80,
-                "generator_pass1": figure(generator, 0.05),
-                "reranked_pass1": figure(reranked, 0.05),
-            }
+            language: {"problems": 40, "generator_pass1": figure(generator),
+                       "reranked_pass1": figure(reranked)}
             for language in ("python", "all")
-        }
+        }  # fmt: skip
 
-    table = paper_table([(0, report(0.10, 0.15)), (1, report(0.12, 0.30))])
+    def draws(solved_top, solved_rest):
+        # Per problem 4 samples, the first scored highest: it passes on the first
+        # `solved_top` problems; one of the other three on the first `solved_rest`.
+        return {
+            problem: [(1.0, problem < solved_top), (0.5, problem < solved_rest),
+                      (0.2, False), (0.1, False)]
+            for problem in range(40)
+        }  # fmt: skip
+
+    base, after = draws(solved_top=4, solved_rest=20), draws(solved_top=16, solved_rest=20)
+    table = paper_table([(0, report(0.15, 0.10)), (1, report(0.22, 0.40))], {0: base, 1: after})
     assert table["columns"] == ["python", "all"]
     assert [(row["evaluation"], row["row"]) for row in table["rows"]] == [
         (0, "generator"),
@@ -327,8 +356,22 @@ def test_paper_table_rows_columns_and_verdict():
         (1, "generator"),
         (1, "reranked"),
     ]
-    assert table["rows"][3]["cells"]["all"]["value"] == 0.30
-    assert table["verdict"].startswith("better: reranked pass@1 after evaluation 1 0.300")
-    close = paper_table([(0, report(0.10, 0.12)), (1, report(0.11, 0.16))])
-    assert close["verdict"].startswith("within noise")
-    assert paper_table([])["verdict"] == "no evaluation yet"
+    assert table["rows"][3]["cells"]["all"]["value"] == 0.40
+    changes = {change["change"]: change for change in table["changes"]}
+    assert list(changes) == ["reranking", "generator", "flywheel", "overall"]
+    assert all(change["problems"] == 40 for change in changes.values())
+    # Reranking at evaluation 0 picks a passing sample on 4 problems, a random pick on 6.
+    assert changes["reranking"]["difference"]["value"] == pytest.approx(4 / 40 - 24 / 160)
+    assert changes["generator"]["difference"]["value"] == pytest.approx(12 / 160)
+    assert changes["flywheel"]["verdict"] == "better"
+    assert changes["flywheel"]["difference"]["value"] == pytest.approx(12 / 40)
+    assert table["verdict"].startswith(
+        "better: reranked at evaluation 1 against the generator alone at evaluation 0 +0.250"
+    )
+    assert "paired over the same 40 held-out problems" in table["verdict"]
+
+    same = paper_table([(0, report(0.15, 0.10)), (1, report(0.15, 0.10))], {0: base, 1: base})
+    assert [change["verdict"] for change in same["changes"]][1:3] == ["within noise"] * 2
+    only_base = paper_table([(0, report(0.15, 0.10))], {0: base})
+    assert [change["change"] for change in only_base["changes"]] == ["reranking"]
+    assert paper_table([], {})["verdict"] == "no evaluation yet"
