@@ -5,8 +5,8 @@ its own worker processes) with the bundled SmolLM2 model in a fresh data folder:
 the baseline evaluation, then iterations of generate -> execute -> score and mine
 -> retrain the reward model -> PPO update -> evaluate. Every evaluation samples
 the same held-out problems (the `eval` split, which no training step sees), so
-the rows are paired. It prints the table with 95% bootstrap intervals and says
-whether the change is within noise, then saves every program it judged (held-out
+the rows are paired. It prints the table with 95% bootstrap intervals and the
+paired changes, and says whether each is within noise, then saves every program it judged (held-out
 draws and training candidates, with verdicts and scores) compressed under
 bench/data/, so the reward-model half can be redone on a CPU from them.
 
@@ -17,7 +17,10 @@ bench/data/, so the reward-model half can be redone on a CPU from them.
 
 Sizes can be overridden one by one (--problems, --candidates, ...). The last line
 is `RESULT evaluations=N held_out_problems=N base_pass1=X final_reranked_pass1=X
-change=better|worse|within_noise wall_s=X`.
+reranking_change=X generator_change=X flywheel_change=X overall_change=X
+change=better|worse|within_noise wall_s=X`: each `*_change` a paired difference of
+pass@1 from the first evaluation to the last (see README, "The held-out table"),
+`change` the verdict on the last.
 """
 
 import argparse
@@ -169,10 +172,13 @@ def report(table: dict, wall: float | None) -> None:
     last = [r for r in table["rows"] if r["row"] == "reranked"][-1]["cells"]["all"]
     change = table["verdict"].split(":", 1)[0].replace(" ", "_")
     problems = max(e["problems"] for e in table["evaluations"])
+    changes = " ".join(
+        f"{c['change']}_change={c['difference']['value']:+.3f}" for c in table["changes"]
+    )
     print(
         f"RESULT evaluations={len(table['evaluations'])} held_out_problems={problems} "
         f"base_pass1={first['value']:.3f} final_reranked_pass1={last['value']:.3f} "
-        f"change={change} wall_s={wall_s}"
+        f"{changes} change={change} wall_s={wall_s}"
     )
 
 
