@@ -67,7 +67,10 @@ class Settings(BaseSettings):
         "this lost its worker, and is reclaimed: queued again, to resume from its checkpoint.",
     )
     run_max_attempts: int = Field(
-        10, ge=1, description="Workers a training may lose before its run is failed instead."
+        10,
+        ge=1,
+        description="Workers a training may lose in a row, each saving no newer checkpoint "
+        "than it resumed from, before its run is failed instead.",
     )
     reconcile_interval: timedelta = Field(
         timedelta(seconds=30),

@@ -91,6 +91,10 @@ class TrainingRun(CreatedAt, Base):
     # failure count only for the attempt that holds the run now.
     attempt: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     resumed_from_step: Mapped[int | None] = mapped_column(Integer)  # this attempt's checkpoint
+    checkpoint_step: Mapped[int | None] = mapped_column(Integer)  # the newest one, any attempt's
+    # Lost attempts in a row that saved no newer checkpoint than they resumed
+    # from: RR_RUN_MAX_ATTEMPTS caps these, so a run that keeps moving keeps going.
+    stalled_attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     started_at: Mapped[datetime | None]
     heartbeat_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]

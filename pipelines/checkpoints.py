@@ -31,6 +31,8 @@ class Checkpoints:
 
     folder: Path
     every_s: float = 60.0
+    # Told each step saved whole (the worker records it on the run).
+    on_saved: Callable[[int], None] | None = None
     _last_save: float = field(default_factory=time.monotonic, init=False, repr=False)
 
     def due(self) -> bool:
@@ -69,6 +71,8 @@ class Checkpoints:
         for older in self.folder.glob(f"{PREFIX}*"):
             if older.name.removeprefix(PREFIX).isdigit() and step_of(older) < step:
                 shutil.rmtree(older, ignore_errors=True)
+        if self.on_saved is not None:
+            self.on_saved(step)
 
 
 class _SaveWhenDue(TrainerCallback):

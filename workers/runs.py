@@ -97,6 +97,7 @@ class Heartbeat:
         self.attempt = attempt
         self.every_s = every_s or get_settings().run_stale_after.total_seconds() / 3
         self.lost = threading.Event()
+        self.checkpoint_step: int | None = None
         self._stop = threading.Event()
         self._last = 0.0
 
@@ -107,6 +108,12 @@ class Heartbeat:
             self._beat(fraction)
         if self.lost.is_set():
             raise RunLost(f"training run {self.run_id} attempt {self.attempt} was reclaimed")
+
+    def checkpointed(self, step: int) -> None:
+        """Record on the run that the attempt saved step `step` whole, now and with
+        every later beat (so a failed write is made good by the next one)."""
+        self.checkpoint_step = step
+        self._beat(None)
 
     def __enter__(self) -> "Heartbeat":
         self._thread = threading.Thread(
@@ -126,7 +133,8 @@ class Heartbeat:
     def _beat(self, fraction: float | None) -> None:
         try:
             with session_scope() as session:
-                if not heartbeat(session, self.run_id, self.attempt, fraction):
+                step = self.checkpoint_step
+                if not heartbeat(session, self.run_id, self.attempt, fraction, step):
                     self.lost.set()
         except Exception:  # a database blip: the next beat tries again
             log.warning("heartbeat of training run %s failed", self.run_id, exc_info=True)
@@ -236,12 +244,20 @@ def fail_run(session: Session, run_id: int, error: str, attempt: int | None = No
     )
 
 
-def heartbeat(session: Session, run_id: int, attempt: int, fraction: float | None = None) -> bool:
-    """Mark a running run alive, and record its progress when given; False when the
-    run is no longer this attempt's."""
+def heartbeat(
+    session: Session,
+    run_id: int,
+    attempt: int,
+    fraction: float | None = None,
+    checkpoint_step: int | None = None,
+) -> bool:
+    """Mark a running run alive, and record its progress and its newest checkpoint
+    when given; False when the run is no longer this attempt's."""
     values: dict[str, Any] = {"heartbeat_at": utcnow()}
     if fraction is not None:
         values["progress"] = max(0.0, min(1.0, float(fraction)))
+    if checkpoint_step is not None:
+        values["checkpoint_step"] = checkpoint_step
     beaten = session.execute(update(TrainingRun).where(*_held(run_id, attempt)).values(**values))
     return beaten.rowcount == 1
 
@@ -251,17 +267,29 @@ def heartbeat(session: Session, run_id: int, attempt: int, fraction: float | Non
 
 def reclaim_run(session: Session, run_id: int, attempt: int, reason: str) -> bool:
     """Queue a run whose worker was lost for its next attempt, and send it after
-    commit; after RR_RUN_MAX_ATTEMPTS attempts the run fails instead. Only the
-    attempt that was lost is reclaimed, so two reclaimers racing make one retry:
-    the database decides. Returns whether this call reclaimed it."""
+    commit. An attempt that saved no newer checkpoint than it resumed from
+    stalled; after RR_RUN_MAX_ATTEMPTS stalled attempts in a row the run fails
+    instead, while one that keeps saving keeps going. Only the attempt that was
+    lost is reclaimed, so two reclaimers racing make one retry: the database
+    decides. Returns whether this call reclaimed it."""
+    held = session.execute(
+        select(TrainingRun.checkpoint_step, TrainingRun.resumed_from_step,
+               TrainingRun.stalled_attempts)
+        .where(*_held(run_id, attempt))
+        .with_for_update()
+    ).one_or_none()  # fmt: skip
+    if held is None:
+        return False
+    saved, resumed_from, stalled = held
+    stalled = 0 if (saved or 0) > (resumed_from or 0) else stalled + 1
     now = utcnow()
-    exhausted = attempt >= get_settings().run_max_attempts
+    exhausted = stalled >= get_settings().run_max_attempts
     values: dict[str, Any] = (
-        {"status": RunStatus.FAILED, "finished_at": now,
-         "error": f"{reason}; lost its worker {attempt} times"}
+        {"status": RunStatus.FAILED, "finished_at": now, "stalled_attempts": stalled,
+         "error": f"{reason}; lost its worker {stalled} times in a row with no new checkpoint"}
         if exhausted
         else {"status": RunStatus.QUEUED, "owner_host": None, "owner_pid": None,
-              "heartbeat_at": now, "error": reason}
+              "heartbeat_at": now, "error": reason, "stalled_attempts": stalled}
     )  # fmt: skip
     reclaimed = session.execute(update(TrainingRun).where(*_held(run_id, attempt)).values(**values))
     if reclaimed.rowcount != 1:

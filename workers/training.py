@@ -135,11 +135,17 @@ def _policy_inputs(session: Session, run: TrainingRun) -> dict[str, Any]:
     }
 
 
-def train_run(run_id: int, attempt: int, progress: Callable[[float], None]) -> dict[str, Any]:
+def train_run(
+    run_id: int,
+    attempt: int,
+    progress: Callable[[float], None],
+    on_checkpoint: Callable[[int], None] | None = None,
+) -> dict[str, Any]:
     """Train what the run's frozen inputs ask for, resuming from its newest complete
-    checkpoint, and return the trained model's row. The row is kept in the run's
-    folder, so an attempt whose registration failed leaves it for the next one to
-    register. No transaction stays open while it trains."""
+    checkpoint (`on_checkpoint` is told each one saved), and return the trained
+    model's row. The row is kept in the run's folder, so an attempt whose
+    registration failed leaves it for the next one to register. No transaction
+    stays open while it trains."""
     with session_scope() as session:
         run = session.get(TrainingRun, run_id)
     folder = run_folder(run)
@@ -148,7 +154,9 @@ def train_run(run_id: int, attempt: int, progress: Callable[[float], None]) -> d
         return json.loads((folder / RESULT).read_text())
     inputs = json.loads((folder / INPUTS).read_text())
     settings = get_settings()
-    checkpoints = Checkpoints(folder / "checkpoints", settings.checkpoint_interval.total_seconds())
+    checkpoints = Checkpoints(
+        folder / "checkpoints", settings.checkpoint_interval.total_seconds(), on_checkpoint
+    )
     with session_scope() as session:
         if (latest := checkpoints.latest()) is not None:
             mark_resumed(session, run_id, attempt, step_of(latest))
@@ -403,7 +411,7 @@ def carry_out_run(run_id: int) -> None:
         with session_scope() as session:
             freeze_inputs(session, run_id)
         with Heartbeat(run_id, attempt) as beat:
-            result = train_run(run_id, attempt, beat)
+            result = train_run(run_id, attempt, beat, beat.checkpointed)
             # Minutes or hours of training: a cut connection must not discard them.
             run = write_with_retry(lambda session: register_run(session, run_id, attempt, result))
     except RunLost:

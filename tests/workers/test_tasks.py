@@ -225,20 +225,46 @@ def test_reconcile_reclaims_a_run_whose_worker_died_and_resends_queued_ones(stor
     assert enqueue_training(store, RunKind.REWARD) == (reclaimed, False)
 
 
-def test_a_run_that_lost_its_worker_too_often_fails(store, broker_url, monkeypatch):
+def test_a_run_that_lost_its_worker_too_often_with_no_new_checkpoint_fails(
+    store, broker_url, monkeypatch
+):
     from models.base import utcnow
 
     monkeypatch.setattr(get_settings(), "run_max_attempts", 3)
-    lost = TrainingRun(kind=RunKind.REWARD, status=RunStatus.RUNNING, attempt=3,
-                       heartbeat_at=utcnow() - timedelta(minutes=3))  # fmt: skip
-    store.add(lost)
+    stale = utcnow() - timedelta(minutes=3)
+    # Two attempts in a row saved nothing; the third resumed from step 40 and
+    # died before saving a newer checkpoint.
+    stalled = TrainingRun(kind=RunKind.REWARD, status=RunStatus.RUNNING, attempt=5,
+                          stalled_attempts=2, resumed_from_step=40, checkpoint_step=40,
+                          heartbeat_at=stale)  # fmt: skip
+    # Nine attempts lost, but this one saved step 60 after resuming from 40.
+    moving = TrainingRun(kind=RunKind.POLICY, status=RunStatus.RUNNING, attempt=9,
+                         stalled_attempts=2, resumed_from_step=40, checkpoint_step=60,
+                         heartbeat_at=stale)  # fmt: skip
+    store.add_all([stalled, moving])
     store.commit()
-    assert reconcile(store) == {"runs_reclaimed": 1}
+    assert reconcile(store) == {"runs_reclaimed": 2}
     store.commit()
     store.expire_all()
-    failed = store.get(TrainingRun, lost.id)
-    assert failed.status == RunStatus.FAILED and "lost its worker 3 times" in failed.error
-    assert queue_length(broker_url, "training") == 0
+    failed = store.get(TrainingRun, stalled.id)
+    assert failed.status == RunStatus.FAILED and failed.stalled_attempts == 3
+    assert "lost its worker 3 times in a row with no new checkpoint" in failed.error
+    requeued = store.get(TrainingRun, moving.id)
+    assert (requeued.status, requeued.stalled_attempts) == (RunStatus.QUEUED, 0)
+    assert queue_length(broker_url, "training") == 1  # the moving run's retry only
+
+
+def test_a_heartbeat_records_each_checkpoint_the_attempt_saved(store, flywheel_env):
+    run = TrainingRun(kind=RunKind.REWARD, status=RunStatus.QUEUED)
+    store.add(run)
+    store.commit()
+    attempt = runs.claim_run(store, run.id)
+    store.commit()
+    beat = runs.Heartbeat(run.id, attempt, every_s=3600)
+    beat.checkpointed(12)
+    beat(0.5)  # later beats carry it too
+    store.expire_all()
+    assert store.get(TrainingRun, run.id).checkpoint_step == 12
 
 
 def test_sandbox_errors_are_never_labelled(store, tiny_model_dir):
