@@ -14,7 +14,19 @@ from operator import itemgetter
 from typing import Any
 
 import psycopg
-from sqlalchemy import Insert, Row, Select, Table, func, select, text, tuple_, update
+from sqlalchemy import (
+    ColumnElement,
+    Insert,
+    Row,
+    Select,
+    Table,
+    and_,
+    func,
+    select,
+    text,
+    tuple_,
+    update,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
@@ -386,6 +398,14 @@ def evaluation_progress(session: Session, evaluation: Evaluation) -> dict[str, i
     }
 
 
+def drawn_score(evaluation: Evaluation) -> ColumnElement[bool]:
+    """Joins a draw to its program's score by the evaluation's reward model."""
+    return and_(
+        Score.candidate_id == EvaluationSample.candidate_id,
+        Score.reward_model_version_id == evaluation.reward_model_version_id,
+    )
+
+
 def evaluation_draws(session: Session, evaluation: Evaluation) -> list[Row]:
     """(language, problem_id, score, passed) of each judged draw of an evaluation,
     scored by its reward model (score None where it has none yet); SANDBOX_ERROR
@@ -399,11 +419,7 @@ def evaluation_draws(session: Session, evaluation: Evaluation) -> list[Row]:
         )
         .join(Problem, Problem.id == EvaluationSample.problem_id)
         .join(Execution, Execution.candidate_id == EvaluationSample.candidate_id)
-        .outerjoin(
-            Score,
-            (Score.candidate_id == EvaluationSample.candidate_id)
-            & (Score.reward_model_version_id == evaluation.reward_model_version_id),
-        )
+        .outerjoin(Score, drawn_score(evaluation))
         .where(
             EvaluationSample.evaluation_id == evaluation.id,
             Execution.verdict != Verdict.SANDBOX_ERROR,

@@ -19,7 +19,7 @@ ever reads them. Like every stage, each step is idempotent by store state.
 
 from typing import Any
 
-from sqlalchemy import ColumnElement, Select, and_, select
+from sqlalchemy import Select, select
 from sqlalchemy.orm import Session
 
 from models import (
@@ -34,6 +34,7 @@ from models import (
 from models.base import utcnow
 from models.enums import EvaluationStatus, RunKind, RunStatus, Split, Verdict
 from models.repository import (
+    drawn_score,
     evaluation_draws,
     evaluation_progress,
     insert_evaluation,
@@ -156,14 +157,6 @@ def finish_evaluation(session: Session, evaluation_id: int) -> bool:
     return True
 
 
-def _its_score(evaluation: Evaluation) -> ColumnElement[bool]:
-    """Joins a draw to its program's score by the evaluation's reward model."""
-    return and_(
-        Score.candidate_id == EvaluationSample.candidate_id,
-        Score.reward_model_version_id == evaluation.reward_model_version_id,
-    )
-
-
 def evaluation_metrics(session: Session, evaluation: Evaluation) -> dict[str, Any]:
     """`evaluation_report` over every judged draw; an unscored one ranks last."""
     return evaluation_report(
@@ -191,7 +184,7 @@ def missing_work(session: Session, evaluation: Evaluation) -> dict[str, list[int
             select(EvaluationSample.problem_id)
             .distinct()
             .join(Execution, Execution.candidate_id == EvaluationSample.candidate_id)
-            .outerjoin(Score, _its_score(evaluation))
+            .outerjoin(Score, drawn_score(evaluation))
             .where(in_evaluation, Execution.verdict != Verdict.SANDBOX_ERROR, Score.id.is_(None))
         )
     )
